@@ -1,0 +1,171 @@
+"""Attention entropy (paper Section 3, Eq. 7), head bands, diagnosis, and the entropy regulariser.
+
+Conventions: entropies are in nats; the maximum is ``log T`` (the paper's E_max, which ignores
+that a causal row i can reach only ``log(i + 1)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# ---------------------------------------------------------------------------------------
+# Entropy of attention rows
+
+
+def row_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of softmax(logits) along the last axis, computed stably.
+
+    Masked entries must hold a large finite negative value (not -inf): then p = 0 there and
+    p * log p = 0 exactly, and gradients stay finite.
+    logits (..., T) -> (...,)
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def row_entropy(probs: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Entropy of probability rows, ``-sum_j p_j log(p_j + eps)``; zeros contribute 0.
+
+    probs (..., T) -> (...,)
+    """
+    p = probs.float()
+    safe = torch.where(p > 0, p, torch.ones_like(p))
+    return -(p * torch.log(safe + eps)).sum(dim=-1)
+
+
+def head_entropy(probs: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Eq. 7: mean over query rows (and the batch) of each row's entropy.
+
+    probs (B, H, T, T) -> (H,)
+    """
+    return row_entropy(probs, eps).mean(dim=(0, 2))
+
+
+def max_entropy(seq_len: int) -> float:
+    """E_max = log T."""
+    return math.log(seq_len)
+
+
+def uniform_causal_entropy(seq_len: int) -> float:
+    """Head entropy of a causal head that attends uniformly: mean over rows of log(i + 1)."""
+    return sum(math.log(i + 1) for i in range(seq_len)) / seq_len
+
+
+# ---------------------------------------------------------------------------------------
+# Head bands (Figure 2a) and diagnosis
+
+BAND_LABELS = ("[0, max/4)", "[max/4, max/2)", "[max/2, 3max/4)", "[3max/4, max]")
+
+
+def head_bands(entropy: torch.Tensor, reference: float | None = None) -> list[float]:
+    """Fraction of heads in each quarter of [0, reference] (Figure 2a).
+
+    `reference` defaults to the largest head entropy in the model (the paper's choice);
+    pass ``log T`` for absolute bands. entropy: any shape, e.g. (L, H).
+    """
+    e = entropy.detach().float().flatten()
+    ref = float(e.max()) if reference is None else float(reference)
+    if ref <= 0:
+        return [1.0, 0.0, 0.0, 0.0]
+    idx = torch.clamp((e / ref * 4).floor().long(), 0, 3)
+    counts = torch.bincount(idx, minlength=4).float()
+    return (counts / e.numel()).tolist()
+
+
+@dataclass
+class Diagnosis:
+    """Which layers and heads show entropic overload or entropy collapse, and the rule used."""
+
+    e_max: float
+    overload_threshold: float
+    collapse_threshold: float
+    overloaded_heads: list[tuple[int, int]] = field(default_factory=list)
+    collapsed_heads: list[tuple[int, int]] = field(default_factory=list)
+    overloaded_layers: list[int] = field(default_factory=list)
+    collapsed_layers: list[int] = field(default_factory=list)
+    criteria: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [self.criteria]
+        lines.append(
+            "entropic overload: "
+            + (f"layers {self.overloaded_layers}" if self.overloaded_layers else "none")
+            + f" ({len(self.overloaded_heads)} heads)"
+        )
+        lines.append(
+            "entropy collapse: "
+            + (f"layers {self.collapsed_layers}" if self.collapsed_layers else "none")
+            + f" ({len(self.collapsed_heads)} heads)"
+        )
+        return "\n".join(lines)
+
+
+def diagnose(
+    entropy: torch.Tensor,
+    seq_len: int,
+    overload_frac: float = 0.75,
+    collapse_frac: float = 0.25,
+    layer_share: float = 0.5,
+) -> Diagnosis:
+    """Name overloaded and collapsed heads and layers.
+
+    A head is overloaded when its entropy is at least ``overload_frac * log T`` (the top band of
+    Figure 2a measured against the absolute maximum), collapsed when below ``collapse_frac * log T``.
+    A layer is flagged when at least ``layer_share`` of its heads are.
+    entropy: (L, H).
+    """
+    e = entropy.detach().float()
+    e_max = max_entropy(seq_len)
+    hi, lo = overload_frac * e_max, collapse_frac * e_max
+    over = (e >= hi)
+    coll = (e < lo)
+    d = Diagnosis(
+        e_max=e_max,
+        overload_threshold=hi,
+        collapse_threshold=lo,
+        overloaded_heads=[tuple(x) for x in over.nonzero().tolist()],
+        collapsed_heads=[tuple(x) for x in coll.nonzero().tolist()],
+        overloaded_layers=[l for l in range(e.shape[0]) if over[l].float().mean() >= layer_share],
+        collapsed_layers=[l for l in range(e.shape[0]) if coll[l].float().mean() >= layer_share],
+        criteria=(
+            f"E_max = log T = {e_max:.3f} nats (T={seq_len}). A head is overloaded if E >= "
+            f"{overload_frac:g}*E_max = {hi:.3f}, collapsed if E < {collapse_frac:g}*E_max = {lo:.3f}; "
+            f"a layer is flagged when >= {layer_share:.0%} of its heads are."
+        ),
+    )
+    return d
+
+
+# ---------------------------------------------------------------------------------------
+# The entropy regulariser (Algorithm 1)
+
+
+def entropy_penalty(
+    entropy: torch.Tensor,
+    thresholds: torch.Tensor,
+    seq_len: int,
+    gamma: float = 0.2,
+) -> torch.Tensor:
+    """Algorithm 1: mean over layers of (mean over heads of a tolerance-gated squared deviation).
+
+    entropy: (L, H) query-averaged head entropies ('head' mode), or (L, H, N) entropies of
+    N individual query rows ('query' mode, the Appendix B code's form, averaged instead of summed
+    so lambda does not scale with batch size).
+    thresholds: (L, H) learnable weights theta; layer l's target entropy is theta_l[h] * log T.
+    Returns a scalar (unweighted; the caller multiplies by lambda).
+    """
+    e_max = max_entropy(seq_len)
+    target = thresholds * e_max
+    if entropy.dim() == 3:
+        target = target.unsqueeze(-1)
+    dev = entropy - target
+    penalty = torch.where(dev.abs() > gamma * e_max, dev.square(), torch.zeros_like(dev))
+    if penalty.dim() == 3:
+        penalty = penalty.mean(dim=-1)
+    return penalty.mean(dim=1).mean(dim=0)
