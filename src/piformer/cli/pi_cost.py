@@ -1,0 +1,54 @@
+"""`piformer pi-cost`: analytic private-inference cost (nonlinear ops, FLOPs, MACs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "pi-cost"
+HELP = "Count nonlinear operations, FLOPs and MACs of an architecture (the paper's Tables 2, 3, 6, 7)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", nargs="?", help="run/checkpoint directory or config.json (instead of --preset)")
+    p.add_argument("--preset", help="architecture preset, e.g. SM+ScFuFFN (see `piformer presets`)")
+    p.add_argument("--size", default="gpt2-small", help="size preset (default: gpt2-small)")
+    p.add_argument("--seq-len", type=int, help="sequence length T (default: the model's block_size)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a ModelConfig field, e.g. --set vocab_size=16384 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from piformer.config import ModelConfig, parse_overrides
+    from piformer.pi.cost import format_cost, load_model_config, paper_row, pi_cost
+
+    if bool(args.run_dir) == bool(args.preset):
+        raise ValueError("give either a run directory or --preset NAME (not both, not neither)")
+    overrides = parse_overrides(args.set)["model"]
+    if args.run_dir:
+        cfg = load_model_config(args.run_dir)
+        if overrides:
+            cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
+        preset = None
+    else:
+        preset = args.preset
+        seq = {"block_size": args.seq_len} if args.seq_len else {}
+        cfg = ModelConfig.from_preset(preset, size=args.size, **{**seq, **overrides})
+    cost = pi_cost(cfg, args.seq_len, preset=preset)
+    row = paper_row(preset, cfg, cost.seq_len) if preset else None
+
+    if args.json:
+        out = cost.to_dict()
+        if row:
+            out["paper"] = {"table": row[0], **row[1]}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(format_cost(cost))
+    if row:
+        table, r = row
+        print(f"\npaper Table {table}: {cost.nonlinear_str()} | FFN {r['ffn']} | Attn {r['attn']} | "
+              f"comm {r['comm_gb']} GB | latency {r['lat_min']} min (WAN, measured by the authors)")
+        ok = r["ffn"] == cost.ffn_flops_str and r["attn"] == cost.attn_flops_str
+        print(f"  FLOPs match the paper: {'yes' if ok else 'NO'}")
+    return 0
