@@ -1,0 +1,61 @@
+"""The paper's reported numbers (Jha & Reagen 2025), as data, for the report to put ours beside.
+
+Private-inference tables (communication, latency, FLOPs) live with the cost model in
+`piformer.pi.cost.PAPER_TABLES`; this module holds perplexities and entropy-band figures.
+All values are GPT-2 small on CodeParrot at T=128 unless the name says otherwise.
+"""
+
+from __future__ import annotations
+
+# Figure 2b table and Table 2: eval perplexity. None = diverged (NaN).
+PPL_T128: dict[str, float | None] = {
+    "SM+LN+G": 2.69,
+    "SM+LN+R": 2.76,
+    "SM+LN": 3.38,
+    "SM+G": 3.20,
+    "SM+R": 2.94,
+    "SM": None,
+    "SM+WN(QK)": 3.89,
+    "SM+WN(FFN)": 3.64,
+    "SM+WN(QK+FFN)": 3.88,
+    "SM+WN(QKV+FFN)": 3.93,
+    "SM+WN(QKVO+FFN)": 3.98,
+    "SM+SN(QK)": 4.25,
+    "SM+SN(FFN)": 3.63,  # Table 4; Table 5 prints 3.624
+    "SM+SN(QK+FFN)": 4.23,
+    "SM+SN(QKV+FFN)": 4.26,
+    "SM+SN(QKVO+FFN)": 4.34,
+    "SM+ScFFN": 3.478,  # Table 5
+    "SM+ScFuFFN": 3.48,
+    "EReg(SM(t)+ScFuFFN)": 3.21,
+}
+
+# Tables 6 and 7, in the order SM+LN+G, SM+LN+R, SM+ScFuFFN, EReg(SM(t)+ScFuFFN).
+PPL_T256 = dict(zip(("SM+LN+G", "SM+LN+R", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)"), (2.35, 2.41, 3.03, 2.92)))
+PPL_L18 = dict(zip(("SM+LN+G", "SM+LN+R", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)"), (2.56, 2.63, 3.24, 3.13)))
+
+# Table 3 (Languini, T=512): eval PPL at 1.2B / 2.4B / 4.8B training tokens.
+PPL_LANGUINI = {
+    "SM+LN+G": (25.71, 23.32, 21.29),
+    "SM+LN+R": (26.06, 23.55, 21.58),
+    "SM+ScFuFFN": (33.77, 30.82, 28.59),
+    "EReg(SM(t)+ScFuFFN)": (31.54, 28.70, 26.55),
+}
+
+# Figure 2a, as stated in the text: fraction of heads in a band relative to the max head entropy.
+BANDS_TOP = {"SM+G": 0.58, "SM+R": 0.23, "SM": 0.45}  # in [3max/4, max]: entropic overload
+BANDS_BOTTOM = {"SM": 0.33}  # in [0, max/4): entropy collapse
+BANDS_MIDDLE = {"SM+LN+G": 0.90, "SM+LN+R": 0.90}  # in [max/4, 3max/4]: "about 90%"
+
+# Figure 6: fraction of heads in the top band against the regulariser's tolerance gamma.
+GAMMA_SWEEP_TOP_BAND = {0.0: 0.007, 0.05: 0.007, 0.10: 0.007, 0.15: 0.007, 0.20: 0.0208, 0.25: 0.0347, 0.30: 0.0625}
+
+# Headline claims.
+EREG_IMPROVEMENT = 0.078  # EReg(SM(t)+ScFuFFN) PPL 7.8% better than SM+ScFuFFN
+SAVINGS_T128 = {"SM+LN+R": {"comm": 2.68, "latency": 1.35}, "SM+ScFuFFN": {"comm": 3.94, "latency": 1.72}}
+
+
+def ppl_delta(preset: str) -> float | None:
+    """Paper's relative PPL increase over SM+LN+G (Figure 2b's Delta), None where not defined."""
+    base, ppl = PPL_T128["SM+LN+G"], PPL_T128.get(preset)
+    return None if ppl is None or base is None else ppl / base - 1.0

@@ -1,0 +1,123 @@
+"""A tiny document model rendered twice: Markdown (figures linked) and one self-contained HTML
+file (figures embedded as data URIs). The report builds a list of blocks; this module only renders.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Para:
+    text: str
+    """Plain text; `code` spans in backticks are kept as code in both renderings."""
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str
+
+
+@dataclass
+class Document:
+    title: str
+    blocks: list = field(default_factory=list)
+
+    def add(self, *blocks) -> "Document":
+        self.blocks.extend(blocks)
+        return self
+
+    # -- Markdown ----------------------------------------------------------------------
+    def to_markdown(self, base: Path) -> str:
+        out = [f"# {self.title}", ""]
+        for b in self.blocks:
+            if isinstance(b, Heading):
+                out += ["#" * b.level + " " + b.text, ""]
+            elif isinstance(b, Para):
+                out += [b.text, ""]
+            elif isinstance(b, Table):
+                if b.caption:
+                    out += [f"*{b.caption}*", ""]
+                out.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
+                out.append("|" + "---|" * len(b.header))
+                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+                out.append("")
+            elif isinstance(b, Figure):
+                rel = _relative(b.path, base)
+                out += [f"![{b.caption}]({rel})", "", f"*{b.caption}*", ""]
+        return "\n".join(out)
+
+    # -- HTML --------------------------------------------------------------------------
+    def to_html(self) -> str:
+        parts = [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{html.escape(self.title)}</title>",
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>{html.escape(self.title)}</h1>",
+        ]
+        for b in self.blocks:
+            if isinstance(b, Heading):
+                parts.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+            elif isinstance(b, Para):
+                parts.append(f"<p>{_inline(b.text)}</p>")
+            elif isinstance(b, Table):
+                cap = f"<caption>{_inline(b.caption)}</caption>" if b.caption else ""
+                head = "".join(f"<th>{_inline(h)}</th>" for h in b.header)
+                body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+                parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif isinstance(b, Figure):
+                data = base64.b64encode(Path(b.path).read_bytes()).decode("ascii")
+                mime = "image/svg+xml" if str(b.path).endswith(".svg") else "image/png"
+                parts.append(
+                    f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(b.caption)}">'
+                    f"<figcaption>{_inline(b.caption)}</figcaption></figure>"
+                )
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _inline(text: str) -> str:
+    """Escape, then render `code` spans."""
+    pieces = str(text).split("`")
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(pieces))
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(base).resolve()))
+    except ValueError:
+        return str(path)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+caption { caption-side: top; text-align: left; font-style: italic; padding-bottom: 4px; }
+figure { margin: 1.5em 0; } img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-style: italic; color: #555; } code { background: #f5f5f5; padding: 0 3px; }
+"""
