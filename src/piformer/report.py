@@ -1,0 +1,261 @@
+"""The report: the paper's tables and figures with our numbers beside theirs.
+
+Reads only files that the pipeline's stages wrote into RUN_ROOT (see `piformer.reproduce`), so
+every number in the report can be traced to the run file it came from, and writes
+`report.md` (figures linked) and `report.html` (one self-contained file, figures embedded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from . import paper
+from .checkpoint import atomic_write_text
+from .entropy import BAND_LABELS
+from .report_doc import Document, Figure, Heading, Para, Table
+
+PI_CLASSES = ("softmax", "layernorm", "activation", "matmul", "embedding", "head", "other")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(x: float | None, spec: str = ".3f", none: str = "—") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return format(x, spec)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:+.2f}%"
+
+
+def collect(run_root: str | Path) -> dict[str, Any]:
+    """Everything the report shows, read from RUN_ROOT; also saved as RUN_ROOT/results.json."""
+    root = Path(run_root)
+    manifest = _read(root / "reproduce.json") or {}
+    runs = []
+    for preset, rel in manifest.get("runs", {}).items():
+        d = root / rel
+        runs.append({
+            "preset": preset,
+            "dir": rel,
+            "status": _read(d / "status.json") or {},
+            "eval": _read(d / "eval.json"),
+            "entropy": _read(d / "entropy.json"),
+            "pi_cost": _read(d / "pi_cost.json"),
+            "pi_cost_paper_shape": _read(d / "pi_cost_gpt2.json"),
+            "pi_secure": _read(d / "pi_secure.json"),
+        })
+    return {"manifest": manifest, "runs": runs, "data": _read(root / "data" / "meta.json") or {}}
+
+
+def _ppl_section(doc: Document, runs: list[dict]) -> None:
+    base = next((r for r in runs if r["preset"] == "SM+LN+G" and r["eval"]), None)
+    base_ppl = base["eval"]["ppl"] if base else None
+    rows = []
+    for r in runs:
+        status = r["status"].get("status", "missing")
+        ours = r["eval"]["ppl"] if r["eval"] and status != "diverged" else None
+        delta = (ours / base_ppl - 1) if (ours is not None and base_ppl) else None
+        outcome = (
+            f"diverged at step {r['status'].get('step')}" if status == "diverged"
+            else f"{status}, {r['status'].get('step', '?')} steps"
+        )
+        ppr = paper.PPL_T128.get(r["preset"])
+        rows.append([
+            f"`{r['preset']}`",
+            "NaN (diverges)" if r["preset"] == "SM" else _fmt(ppr, ".2f"),
+            _pct(paper.ppl_delta(r["preset"])),
+            _fmt(ours, ".3f", none="NaN" if status == "diverged" else "—"),
+            _pct(delta),
+            outcome,
+            f"`{r['dir']}/eval.json`",
+        ])
+    doc.add(
+        Heading("Perplexity (paper Figure 2b, Tables 2, 4, 5)"),
+        Table(
+            ["config", "paper PPL", "paper Δ vs SM+LN+G", "ours PPL", "ours Δ", "our run", "source"],
+            rows,
+            caption="Paper: GPT-2 small, CodeParrot, T=128, ~2.1B tokens. Ours: this tier's size, data and steps.",
+        ),
+    )
+    sc = next((r for r in runs if r["preset"] == "SM+ScFuFFN" and r["eval"]), None)
+    er = next((r for r in runs if r["preset"] == "EReg(SM(t)+ScFuFFN)" and r["eval"]), None)
+    if sc and er:
+        gain = 1 - er["eval"]["ppl"] / sc["eval"]["ppl"]
+        doc.add(Para(
+            f"Entropy regularisation: `EReg(SM(t)+ScFuFFN)` is {gain * 100:.1f}% "
+            f"{'better' if gain >= 0 else 'worse'} than `SM+ScFuFFN` in our runs "
+            f"(paper: {paper.EREG_IMPROVEMENT * 100:.1f}% better)."
+        ))
+
+
+def _entropy_section(doc: Document, runs: list[dict], figures: dict[str, str], root: Path) -> None:
+    doc.add(Heading("Attention entropy (paper Figures 2, 4, 5, 7)"))
+    rows = []
+    for r in runs:
+        e = r["entropy"]
+        if not e:
+            continue
+        bands = e.get("bands_max") or [None] * 4
+        diag = e.get("diagnosis") or {}
+        paper_top = paper.BANDS_TOP.get(r["preset"])
+        paper_bottom = paper.BANDS_BOTTOM.get(r["preset"])
+        rows.append(
+            [f"`{r['preset']}`"]
+            + [_fmt(b * 100 if b is not None else None, ".1f") + "%" for b in bands]
+            + [
+                "—" if paper_top is None else f"{paper_top * 100:.0f}%",
+                "—" if paper_bottom is None else f"{paper_bottom * 100:.0f}%",
+                ", ".join(map(str, diag.get("overloaded_layers", []))) or "none",
+                ", ".join(map(str, diag.get("collapsed_layers", []))) or "none",
+                f"`{r['dir']}/entropy.json`",
+            ]
+        )
+    if rows:
+        crit = next((r["entropy"].get("diagnosis", {}).get("criteria") for r in runs if r["entropy"]), "")
+        doc.add(
+            Table(
+                ["config", *[f"ours {b}" for b in BAND_LABELS], "paper top band", "paper bottom band",
+                 "overloaded layers", "collapsed layers", "source"],
+                rows,
+                caption="Fraction of heads per band, relative to the largest head entropy of the model (Figure 2a).",
+            ),
+            Para(f"Diagnosis criteria: {crit}"),
+        )
+    captions = {
+        "heatmap": "Head-entropy heatmaps (layers x heads), one shared colour scale (Figures 2, 4).",
+        "bands": "Fraction of heads per entropy band, one bar group per run (Figure 2a).",
+        "dynamics": "Mean attention entropy per layer during training (Figure 7).",
+        "thresholds": "Learned threshold weights of the entropy regulariser, per layer and head (Figure 5).",
+        "temperatures": "Learned softmax temperatures per layer: mean and spread over heads and positions.",
+    }
+    for key, caption in captions.items():
+        path = figures.get(key)
+        if path and (root / path).is_file():
+            doc.add(Figure(root / path, caption))
+
+
+def _pi_section(doc: Document, runs: list[dict]) -> None:
+    from .pi.cost import PAPER_TABLES
+
+    t2 = PAPER_TABLES["2"]["rows"]
+    rows = []
+    for r in runs:
+        c = r["pi_cost_paper_shape"]
+        if not c:
+            continue
+        p = t2.get(r["preset"], {})
+        rows.append([
+            f"`{r['preset']}`",
+            ", ".join(op["paper"] for op in c["nonlinear"]) or "—",
+            c["ffn_flops_paper"], p.get("ffn", "—"),
+            c["attn_flops_paper"], p.get("attn", "—"),
+            _fmt(p.get("comm_gb"), ".2f"), _fmt(p.get("lat_min"), ".2f"),
+        ])
+    doc.add(
+        Heading("Private-inference cost (paper Table 2)"),
+        Table(
+            ["config", "nonlinear ops (ours)", "FFN FLOPs ours", "paper", "Attn FLOPs ours", "paper",
+             "paper comm GB", "paper latency min"],
+            rows,
+            caption="Analytic counts at the paper's shape (GPT-2 small, T=128), from `piformer pi-cost`.",
+        ),
+    )
+    measured = [r for r in runs if r["pi_secure"]]
+    if not measured:
+        doc.add(Para("No secure (SPU) run in this tier."))
+        return
+    first = measured[0]["pi_secure"]
+    doc.add(
+        Heading("Secure two-party inference, measured (SPU)", 3),
+        Para(
+            f"Shape of the measured runs: {first.get('shape_note', '')}. Protocol {first.get('protocol', '?')}, "
+            f"field {first.get('field', '?')}, {first.get('fxp_fraction_bits', '?')} fraction bits. "
+            f"Latency model: {first.get('latency_model', '')}"
+        ),
+    )
+    rows = []
+    base = next((r["pi_secure"] for r in measured if r["preset"] == "SM+LN+G"), None)
+    for r in measured:
+        s = r["pi_secure"]
+        by = s.get("by_class", {})
+        rows.append(
+            [f"`{r['preset']}`"]
+            + [_fmt(by.get(k, {}).get("bytes", 0) / 2**20, ".2f") for k in PI_CLASSES]
+            + [
+                _fmt(s["total_bytes"] / 2**20, ".2f"),
+                "—" if not base else f"{base['total_bytes'] / s['total_bytes']:.2f}x",
+                _fmt(s.get("lan_s"), ".2f"), _fmt(s.get("wan_s"), ".2f"),
+                _fmt(s.get("max_abs_logit_error"), ".2e"), _fmt(s.get("argmax_agreement"), ".3f"),
+                f"`{r['dir']}/pi_secure.json`",
+            ]
+        )
+    doc.add(Table(
+        ["config", *[f"{k} MiB" for k in PI_CLASSES], "total MiB", "saving vs SM+LN+G", "LAN s", "WAN s",
+         "max |logit err|", "argmax agree", "source"],
+        rows,
+        caption="Communication per operator class (both directions), from SPU's own profile of the run.",
+    ))
+    doc.add(Para(
+        f"Paper savings at GPT-2 small T=128: {paper.SAVINGS_T128['SM+LN+R']['comm']}x comm / "
+        f"{paper.SAVINGS_T128['SM+LN+R']['latency']}x latency (ReLU), {paper.SAVINGS_T128['SM+ScFuFFN']['comm']}x / "
+        f"{paper.SAVINGS_T128['SM+ScFuFFN']['latency']}x (SM+ScFuFFN). The GPT-2-scale measurement is "
+        "`benchmarks/bench_pi_gpt2.py` (see docs/private_inference.md)."
+    ))
+
+
+def _what_was_run(doc: Document, res: dict[str, Any]) -> None:
+    m, data = res["manifest"], res["data"]
+    tier = m.get("tier", {})
+    splits = data.get("splits", {})
+    doc.add(
+        Heading("What was run"),
+        Table(["item", "value"], [
+            ["tier", f"`{tier.get('name', '?')}`: {tier.get('note', '')}"],
+            ["model size", f"`{tier.get('size')}` with {json.dumps(tier.get('model', {}))}"],
+            ["training", json.dumps(tier.get("train", {}))],
+            ["data", f"{data.get('source', '?')} — train {splits.get('train', {}).get('tokens', '?')} tokens, "
+                     f"val {splits.get('val', {}).get('tokens', '?')} tokens, vocabulary {data.get('vocab_size', '?')}, "
+                     f"{len(data.get('manifest', data.get('files', [])) or [])} files (manifest: `data/meta.json`)"],
+            ["versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())],
+            ["machine", m.get("machine", "?")],
+            ["started", m.get("started", "?")],
+            ["wall time", f"{m.get('wall_s', 0) / 60:.1f} min"],
+        ]),
+    )
+
+
+def build(run_root: str | Path) -> dict[str, Path]:
+    """Write RUN_ROOT/report.md, report.html and results.json; return their paths."""
+    root = Path(run_root)
+    res = collect(root)
+    m = res["manifest"]
+    tier = m.get("tier", {})
+    doc = Document(f"piformer report — tier `{tier.get('name', '?')}`")
+    doc.add(Para(
+        "Reproduction of *Entropy-Guided Attention for Private LLMs* (Jha & Reagen, 2025): the paper's "
+        "numbers beside ours. Each of our numbers names the run file it was read from."
+    ))
+    if tier.get("smoke"):
+        doc.add(Para(
+            "**Smoke view.** This tier trains tiny models for a few hundred steps: it checks the pipeline "
+            "end to end, and its perplexities and entropy patterns are not comparable with the paper's."
+        ))
+    _what_was_run(doc, res)
+    _ppl_section(doc, res["runs"])
+    _entropy_section(doc, res["runs"], m.get("figures", {}), root)
+    _pi_section(doc, res["runs"])
+    paths = {"md": root / "report.md", "html": root / "report.html", "results": root / "results.json"}
+    atomic_write_text(paths["md"], doc.to_markdown(root))
+    atomic_write_text(paths["html"], doc.to_html())
+    atomic_write_text(paths["results"], json.dumps(res, indent=1, default=str))
+    return paths
