@@ -141,7 +141,9 @@ def load_model_config(path: str | Path) -> ModelConfig:
     Accepts a flat ModelConfig dict or one nested under a "model" key.
     """
     p = Path(path)
-    candidates = [p] if p.is_file() else [p / "config.json", p / "last" / "config.json", p / "best" / "config.json"]
+    candidates = [p] if p.is_file() else [
+        p / "config.json", p / "checkpoints" / "best" / "config.json", p / "checkpoints" / "last" / "config.json",
+    ]
     for c in candidates:
         if c.is_file():
             data = json.loads(c.read_text())

@@ -1,0 +1,373 @@
+"""A pure-JAX forward pass of a PiGPT checkpoint, written as a *program of steps*.
+
+SPU executes JAX programs, so this module is what private inference runs. The forward pass is
+a list of `Step`s, each a small pure JAX function of named values (weights, activations) that
+belongs to one operator class (embedding, layernorm, matmul, softmax, activation, other, head).
+Two executors run the same program:
+
+* `run_program` here, in plain JAX (float32): the reference, held to PyTorch by the tests;
+* `piformer.pi.secure`, which compiles every step for SPU and runs it under two-party
+  computation. Splitting at operator-class boundaries is what lets SPU's own per-run link
+  counters attribute communication to softmax / LayerNorm / activation / ... exactly.
+
+Server-side weight preparation (`prepare_params`) applies exact algebraic rewrites the server
+can do on its own plaintext weights, so they cost nothing under PI:
+  * Linear weights transposed to (in, out);
+  * 1/sqrt(d_k) folded into the query projection (no temperature), or 1/(t * sqrt(d_k))
+    expanded to a (T, d) multiplier of q (SM(t)): dividing q's row i of head h by t[h, i]
+    divides logits row i by t[h, i], as the PyTorch model does;
+  * 1/alpha folded into the FFN's output projection (ScFFN / ScFuFFN), so only beta remains
+    an elementwise product.
+
+The softmax is written for fixed point: the causal mask replaces masked logits by the row's
+diagonal (always visible) before the max, so masked entries neither raise the max nor need a
+large negative constant (which SPU's exponential approximation cannot take), and the
+exponentials of masked entries are zeroed with a public select. `exp_clip` optionally bounds
+``x - max`` from below (SPU's exp is only accurate on a bounded range; see docs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from piformer.config import ModelConfig
+
+OP_CLASSES = ("embedding", "layernorm", "matmul", "softmax", "activation", "other", "head")
+LN_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Step:
+    """One piece of the forward pass: `outputs = fn(*inputs)` on named values."""
+
+    name: str  # unique, e.g. "h0.softmax"
+    op_class: str  # one of OP_CLASSES
+    fn: Callable[..., Any]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    key: str  # identifies fn's semantics: steps with equal key and input shapes share one compiled program
+
+
+@dataclass
+class Program:
+    """A forward pass as steps, plus who owns which input."""
+
+    steps: list[Step]
+    client_inputs: dict[str, tuple[int, ...]]  # one-hot token chunks (client, party 0)
+    server_inputs: dict[str, tuple[int, ...]]  # prepared weights (server, party 1)
+    logit_outputs: list[str]  # vocabulary chunks of the logits, in order
+    seq_len: int
+    vocab_chunks: list[tuple[int, int]]  # [start, stop) per chunk
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def last_use(self) -> dict[str, int]:
+        """Index of the last step reading each value (to free secret values early)."""
+        last: dict[str, int] = {}
+        for i, s in enumerate(self.steps):
+            for name in s.inputs:
+                last[name] = i
+        return last
+
+
+# ----------------------------------------------------------------------------------------
+# Weights
+
+
+def state_dict_to_numpy(model) -> dict[str, np.ndarray]:
+    """The folded (static norms baked in) float32 numpy state dict of a PiGPT model.
+
+    Folds a *copy*, so the caller's model keeps its parametrisations.
+    """
+    import copy
+
+    m = copy.deepcopy(model)
+    m.fold_static_norms()
+    return {k: v.detach().cpu().float().numpy() for k, v in m.state_dict().items()}
+
+
+def prepare_params(sd: dict[str, np.ndarray], cfg: ModelConfig, seq_len: int) -> dict[str, np.ndarray]:
+    """Server-side plaintext preparation of a folded state dict into the program's named inputs."""
+    T, H, D = seq_len, cfg.n_head, cfg.head_dim
+    f32 = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float32))  # noqa: E731
+    p: dict[str, np.ndarray] = {"wte": f32(sd["transformer.wte.weight"]), "wpe": f32(sd["transformer.wpe.weight"][:T])}
+
+    def linear(prefix: str, out: str, scale: float | np.ndarray = 1.0) -> None:
+        p[f"{out}.w"] = f32(sd[f"{prefix}.weight"].T * scale)
+        if cfg.bias:
+            p[f"{out}.b"] = f32(sd[f"{prefix}.bias"] * scale)
+
+    def layernorm(prefix: str, out: str) -> None:
+        p[f"{out}.w"] = f32(sd[f"{prefix}.weight"])
+        if cfg.bias:
+            p[f"{out}.b"] = f32(sd[f"{prefix}.bias"])
+
+    for l in range(cfg.n_layer):
+        pre = f"transformer.h.{l}"
+        if cfg.norm == "layernorm":
+            layernorm(f"{pre}.ln_1", f"h{l}.ln_1")
+            layernorm(f"{pre}.ln_2", f"h{l}.ln_2")
+        q_scale = 1.0 if cfg.attn_temperature else 1.0 / math.sqrt(D)
+        linear(f"{pre}.attn.q_proj", f"h{l}.q", q_scale)
+        linear(f"{pre}.attn.k_proj", f"h{l}.k")
+        linear(f"{pre}.attn.v_proj", f"h{l}.v")
+        linear(f"{pre}.attn.c_proj", f"h{l}.o")
+        if cfg.attn_temperature:
+            t = np.asarray(sd[f"{pre}.attn.temperature"], dtype=np.float64)[:, :T]  # (H, T)
+            inv = 1.0 / (t * math.sqrt(D))
+            p[f"h{l}.inv_t"] = f32(np.repeat(inv.T, D, axis=1))  # (T, H*D): column h*D+j scaled by row's t[h]
+        inv_alpha = 1.0 / float(sd[f"{pre}.ffn_alpha"]) if cfg.ffn_scale else 1.0
+        if cfg.ffn == "fused":
+            linear(f"{pre}.mlp.c_fused", f"h{l}.fused", inv_alpha)
+        else:
+            linear(f"{pre}.mlp.c_fc", f"h{l}.fc")
+            linear(f"{pre}.mlp.c_proj", f"h{l}.proj", inv_alpha)
+        if cfg.ffn_scale:
+            p[f"h{l}.beta"] = f32(np.full((1, cfg.n_embd), float(sd[f"{pre}.ffn_beta"])))
+    layernorm("transformer.ln_f", "ln_f")
+    return p
+
+
+def vocab_chunks(vocab_size: int, chunk: int) -> list[tuple[int, int]]:
+    chunk = max(1, int(chunk))
+    return [(s, min(s + chunk, vocab_size)) for s in range(0, vocab_size, chunk)]
+
+
+def chunk_params(p: dict[str, np.ndarray], chunks: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """Add the per-chunk slices of the tied embedding the program reads (wte.c, wte_t.c)."""
+    out = dict(p)
+    for c, (a, b) in enumerate(chunks):
+        out[f"wte.{c}"] = np.ascontiguousarray(p["wte"][a:b])  # (C, d) for the embedding
+        out[f"wte_t.{c}"] = np.ascontiguousarray(p["wte"][a:b].T)  # (d, C) for the head
+    return out
+
+
+def one_hot_chunks(ids: np.ndarray, chunks: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """The client's private input: its token ids, one-hot encoded per vocabulary chunk.
+
+    One-hot rows are integers so that SPU multiplies them into the fixed-point embedding
+    without a truncation.
+    """
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return {f"onehot.{c}": (ids[:, None] == np.arange(a, b)[None, :]).astype(np.int32) for c, (a, b) in enumerate(chunks)}
+
+
+# ----------------------------------------------------------------------------------------
+# The operators (jax.numpy); each is the body of one or more steps.
+
+
+def _jnp():
+    import jax.numpy as jnp
+
+    return jnp
+
+
+def _layernorm(x, w, b=None):
+    jnp = _jnp()
+    import jax
+
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mu
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    y = xc * jax.lax.rsqrt(var + LN_EPS) * w
+    return y + b if b is not None else y
+
+
+def _linear(x, w, b=None):
+    y = x @ w
+    return y + b if b is not None else y
+
+
+def _split_heads(x, H):
+    T, C = x.shape
+    return x.reshape(T, H, C // H).transpose(1, 0, 2)  # (H, T, D)
+
+
+def masked_softmax(s, exp_clip: float | None = None):
+    """Causal softmax over the last axis of (H, T, T) logits, in a fixed-point-friendly form."""
+    jnp = _jnp()
+    T = s.shape[-1]
+    causal = np.tril(np.ones((T, T), dtype=bool))  # public
+    diag = jnp.diagonal(s, axis1=-2, axis2=-1)[..., None]  # (H, T, 1): entry (i, i) is always visible
+    z = jnp.where(causal, s, diag)
+    z = z - jnp.max(z, axis=-1, keepdims=True)  # <= 0 on visible entries
+    if exp_clip is not None:
+        z = jnp.maximum(z, -float(exp_clip))
+    e = jnp.where(causal, jnp.exp(z), 0.0)
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (GPT-2's and the PyTorch model's `approximate='tanh'`)."""
+    jnp = _jnp()
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def _relu(x):
+    return _jnp().maximum(x, 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# The program
+
+
+def build_program(
+    cfg: ModelConfig,
+    seq_len: int | None = None,
+    vocab_chunk: int = 4096,
+    exp_clip: float | None = None,
+    layers: int | None = None,
+) -> Program:
+    """The forward pass of `cfg` on `seq_len` tokens as steps.
+
+    `layers` limits the number of transformer blocks (the benchmark measures one and
+    extrapolates); by default all `cfg.n_layer` run.
+    """
+    T = int(seq_len or cfg.block_size)
+    if not 0 < T <= cfg.block_size:
+        raise ValueError(f"seq_len must be in [1, block_size={cfg.block_size}], got {seq_len!r}")
+    L = cfg.n_layer if layers is None else int(layers)
+    H, d, bias = cfg.n_head, cfg.n_embd, cfg.bias
+    chunks = vocab_chunks(cfg.vocab_size, vocab_chunk)
+    steps: list[Step] = []
+    server: dict[str, tuple[int, ...]] = {}
+
+    def w(name: str, shape: tuple[int, ...]) -> str:
+        server[name] = shape
+        return name
+
+    def lin_inputs(prefix: str, fan_in: int, fan_out: int) -> tuple[str, ...]:
+        names = (w(f"{prefix}.w", (fan_in, fan_out)),)
+        return names + ((w(f"{prefix}.b", (fan_out,)),) if bias else ())
+
+    def ln_inputs(prefix: str) -> tuple[str, ...]:
+        return (w(f"{prefix}.w", (d,)),) + ((w(f"{prefix}.b", (d,)),) if bias else ())
+
+    # -- embedding: sum over vocabulary chunks of onehot_c @ wte_c, plus positions ----------
+    client = {f"onehot.{c}": (T, b - a) for c, (a, b) in enumerate(chunks)}
+    w("wpe", (T, d))
+    prev = None
+    for c, (a, b) in enumerate(chunks):
+        w(f"wte.{c}", (b - a, d))
+        out = "x.emb" if c == len(chunks) - 1 else f"emb.{c}"
+        if prev is None:
+            steps.append(Step(f"embed.{c}", "embedding", lambda oh, we, pe: (oh @ we + pe,),
+                              (f"onehot.{c}", f"wte.{c}", "wpe"), (out,), "embed_first"))
+        else:
+            steps.append(Step(f"embed.{c}", "embedding", lambda acc, oh, we: (acc + oh @ we,),
+                              (prev, f"onehot.{c}", f"wte.{c}"), (out,), "embed_acc"))
+        prev = out
+    x = "x.emb"
+
+    # -- blocks -----------------------------------------------------------------------------
+    for l in range(L):
+        p = f"h{l}"
+        if cfg.norm == "layernorm":
+            steps.append(Step(f"{p}.ln_1", "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
+                              (x,) + ln_inputs(f"{p}.ln_1"), (f"{p}.a_in",), f"ln:{bias}"))
+            a_in = f"{p}.a_in"
+        else:
+            a_in = x
+        qkv_w = lin_inputs(f"{p}.q", d, d) + lin_inputs(f"{p}.k", d, d) + lin_inputs(f"{p}.v", d, d)
+
+        def qkv(x_, *wb, _n=2 if bias else 1):
+            return tuple(_linear(x_, *wb[i * _n:(i + 1) * _n]) for i in range(3))
+
+        steps.append(Step(f"{p}.qkv", "matmul", qkv, (a_in,) + qkv_w, (f"{p}.q", f"{p}.k", f"{p}.v"), f"qkv:{bias}"))
+        q = f"{p}.q"
+        if cfg.attn_temperature:
+            steps.append(Step(f"{p}.temperature", "other", lambda q_, it: (q_ * it,),
+                              (q, w(f"{p}.inv_t", (T, d))), (f"{p}.qt",), "scale"))
+            q = f"{p}.qt"
+        steps.append(Step(f"{p}.scores", "matmul",
+                          lambda q_, k_, _H=H: (_jnp().einsum("htd,hsd->hts", _split_heads(q_, _H), _split_heads(k_, _H)),),
+                          (q, f"{p}.k"), (f"{p}.s",), f"scores:{H}"))
+        steps.append(Step(f"{p}.softmax", "softmax", lambda s_, _c=exp_clip: (masked_softmax(s_, _c),),
+                          (f"{p}.s",), (f"{p}.prob",), f"softmax:{exp_clip}"))
+
+        def attn_out(pr, v_, x_, *wb, _H=H):
+            jnp = _jnp()
+            y = jnp.einsum("hts,hsd->htd", pr, _split_heads(v_, _H))
+            y = y.transpose(1, 0, 2).reshape(v_.shape)
+            return (x_ + _linear(y, *wb),)
+
+        steps.append(Step(f"{p}.attn_out", "matmul", attn_out,
+                          (f"{p}.prob", f"{p}.v", x) + lin_inputs(f"{p}.o", d, d), (f"{p}.x_sa",), f"attn_out:{H}:{bias}"))
+        x_sa = f"{p}.x_sa"
+        if cfg.norm == "layernorm":
+            steps.append(Step(f"{p}.ln_2", "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
+                              (x_sa,) + ln_inputs(f"{p}.ln_2"), (f"{p}.f_in",), f"ln:{bias}"))
+            f_in = f"{p}.f_in"
+        else:
+            f_in = x_sa
+        # The FFN's output projection also adds the residual unless ScFFN's beta must scale it first.
+        residual = not cfg.ffn_scale
+        if cfg.ffn == "fused":
+            ffn_in, ffn_w = f_in, lin_inputs(f"{p}.fused", d, d)
+        else:
+            steps.append(Step(f"{p}.fc", "matmul", lambda h_, *wb: (_linear(h_, *wb),),
+                              (f_in,) + lin_inputs(f"{p}.fc", d, 4 * d), (f"{p}.u",), f"linear:{bias}"))
+            act = {"gelu": gelu_tanh, "relu": _relu, "none": None}[cfg.ffn_act]
+            if act is not None:
+                steps.append(Step(f"{p}.act", "activation", lambda u_, _a=act: (_a(u_),),
+                                  (f"{p}.u",), (f"{p}.g",), f"act:{cfg.ffn_act}"))
+                ffn_in = f"{p}.g"
+            else:
+                ffn_in = f"{p}.u"
+            ffn_w = lin_inputs(f"{p}.proj", 4 * d, d)
+        out = f"x.{l}" if residual else f"{p}.f"
+        if residual:
+            steps.append(Step(f"{p}.ffn_out", "matmul", lambda h_, x_, *wb: (x_ + _linear(h_, *wb),),
+                              (ffn_in, x_sa) + ffn_w, (out,), f"linear_res:{bias}"))
+        else:
+            steps.append(Step(f"{p}.ffn_out", "matmul", lambda h_, *wb: (_linear(h_, *wb),),
+                              (ffn_in,) + ffn_w, (out,), f"linear:{bias}"))
+            steps.append(Step(f"{p}.ffn_scale", "other", lambda x_, f_, be: (x_ * be + f_,),
+                              (x_sa, out, w(f"{p}.beta", (1, d))), (f"x.{l}",), "beta_res"))
+        x = f"x.{l}"
+
+    # -- final LayerNorm and the tied vocabulary projection, chunked --------------------------
+    steps.append(Step("ln_f", "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
+                      (x,) + ln_inputs("ln_f"), ("x.final",), f"ln:{bias}"))
+    outputs = []
+    for c, (a, b) in enumerate(chunks):
+        steps.append(Step(f"head.{c}", "head", lambda x_, wt: (x_ @ wt,),
+                          ("x.final", w(f"wte_t.{c}", (d, b - a))), (f"logits.{c}",), "head"))
+        outputs.append(f"logits.{c}")
+    return Program(steps, client, server, outputs, T, chunks,
+                   settings={"vocab_chunk": vocab_chunk, "exp_clip": exp_clip, "layers": L})
+
+
+def run_program(program: Program, inputs: dict[str, np.ndarray], jit: bool = True) -> dict[str, np.ndarray]:
+    """Run a program in plain JAX. Returns every value the program produced."""
+    import jax
+
+    env: dict[str, Any] = dict(inputs)
+    compiled: dict[str, Callable] = {}
+    for s in program.steps:
+        fn = s.fn
+        if jit:
+            if s.key not in compiled:  # equal keys mean equal functions; jit retraces per shape
+                compiled[s.key] = jax.jit(s.fn)
+            fn = compiled[s.key]
+        outs = fn(*(env[n] for n in s.inputs))
+        env.update(zip(s.outputs, outs))
+    return env
+
+
+def forward(
+    sd: dict[str, np.ndarray],
+    cfg: ModelConfig,
+    ids: np.ndarray,
+    vocab_chunk: int = 4096,
+    exp_clip: float | None = None,
+) -> np.ndarray:
+    """Logits (T, V) of one token sequence from a folded numpy state dict."""
+    ids = np.asarray(ids).reshape(-1)
+    program = build_program(cfg, len(ids), vocab_chunk=vocab_chunk, exp_clip=exp_clip)
+    params = chunk_params(prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
+    env = run_program(program, {**params, **one_hot_chunks(ids, program.vocab_chunks)})
+    return np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)
