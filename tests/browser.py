@@ -1,0 +1,52 @@
+"""Open an HTML file in headless Chromium and report what a reader would see: load errors and
+images that fail to decode. Used by the report tests; skipped where Chromium is not installed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+_PROBE = """
+<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || e.type)), true);
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  Promise.all(imgs.map(i => i.decode().then(() => null, () => i.alt || i.src.slice(0, 40)))).then(bad => {
+    const out = {images: imgs.length, broken: bad.filter(x => x !== null),
+                 widths: imgs.map(i => i.naturalWidth), errors: window.__errors,
+                 tables: document.querySelectorAll('table').length, title: document.title};
+    const pre = document.createElement('pre'); pre.id = '__probe';
+    pre.textContent = 'PRO' + 'BE' + JSON.stringify(out) + 'EBO' + 'RP';  // split so the source never matches
+    document.body.appendChild(pre);
+  });
+});
+</script>
+"""
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def probe(html_path: Path, timeout: float = 60.0) -> dict:
+    """Load `html_path` (with a probe script appended to a copy) and return what the probe saw."""
+    exe = chromium()
+    assert exe, "chromium not installed"
+    text = Path(html_path).read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "page.html"
+        page.write_text(text.replace("</head>", _PROBE + "</head>", 1))
+        cmd = [
+            exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp}/profile", "--virtual-time-budget=10000", "--dump-dom", page.as_uri(),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    m = re.search(r"PROBE(.*?)EBORP", proc.stdout, re.S)
+    assert m, f"the page did not finish loading; chromium said: {proc.stderr[-2000:]}"
+    return json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
