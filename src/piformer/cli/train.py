@@ -1,0 +1,75 @@
+"""`piformer train`: train one configuration on a prepared data directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+NAME = "train"
+HELP = ("train a model (one process, or DDP under torchrun); exit status 0 finished, "
+        "2 bad input, 3 diverged (non-finite loss: recorded, last good checkpoint kept)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None,
+                   help="architecture, e.g. 'SM+LN+G', 'SM+ScFuFFN', 'EReg(SM(t)+ScFuFFN)' (default SM+LN+G; "
+                        "see `piformer presets`)")
+    p.add_argument("--size", default=None,
+                   help="size preset and its training recipe: gpt2-small, gpt2-18l, cpu-small, tiny (default cpu-small)")
+    p.add_argument("--data", default=None, help="prepared data directory (default data/builtin; see `piformer data prepare`)")
+    p.add_argument("--out", required=True, help="run directory (config, status, metrics, checkpoints)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=3e-4 --set model.n_layer=4 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from checkpoints/last (its saved config; --set may change train fields)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_configs(args: argparse.Namespace):
+    """(model_cfg, train_cfg, data_dir, preset, size) from the arguments (and the run's config on --resume)."""
+    from piformer.config import ModelConfig, TrainConfig, parse_overrides, train_recipe
+    from piformer.data import read_meta
+
+    overrides = parse_overrides(args.set)
+    if "vocab_size" in overrides["model"]:
+        raise ValueError("model.vocab_size comes from the data's tokenizer (meta.json); do not --set it")
+    out = Path(args.out)
+    if args.resume:
+        if not (out / "config.json").is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
+        saved = json.loads((out / "config.json").read_text())
+        preset, size = args.preset or saved.get("preset"), args.size or saved.get("size")
+        data_dir = args.data or saved["data"]["dir"]
+        if args.preset or args.size:
+            model = ModelConfig.from_preset(preset or "SM+LN+G", size or "cpu-small",
+                                            vocab_size=int(read_meta(data_dir)["vocab_size"]), **overrides["model"])
+        else:
+            model = ModelConfig.from_dict({**saved["model"], **overrides["model"]})
+        train = TrainConfig.from_dict({**saved["train"], **overrides["train"]})
+        return model, train, data_dir, preset, size
+    preset, size = args.preset or "SM+LN+G", args.size or "cpu-small"
+    data_dir = args.data or "data/builtin"
+    vocab = int(read_meta(data_dir)["vocab_size"])  # fail fast, with the "run data prepare" hint
+    model = ModelConfig.from_preset(preset, size, vocab_size=vocab, **overrides["model"])
+    train = train_recipe(size, **overrides["train"])
+    return model, train, data_dir, preset, size
+
+
+def run(args: argparse.Namespace) -> int:
+    from piformer.train import EXIT_DIVERGED, train
+
+    model_cfg, train_cfg, data_dir, preset, size = build_configs(args)
+    result = train(model_cfg, train_cfg, data_dir, args.out, resume=args.resume, preset=preset, size=size,
+                   progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if result["status"] == "diverged":
+            print(f"{args.out}: diverged at step {result['diverged_at']} (non-finite loss); "
+                  f"last good checkpoint kept in {args.out}/checkpoints/last")
+        else:
+            ppl = result["val_ppl"]
+            print(f"{args.out}: finished {result['step']} steps; val loss {result['val_loss']:.4f}, "
+                  f"ppl {ppl:.3f}" if ppl is not None and math.isfinite(ppl) else f"{args.out}: finished")
+    return EXIT_DIVERGED if result["status"] == "diverged" else 0

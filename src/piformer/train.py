@@ -1,0 +1,568 @@
+"""The training loop: one process, or many under torchrun (DDP). nanoGPT-shaped, on purpose.
+
+    result = train(ModelConfig.from_preset("SM+LN+G", "tiny"), train_recipe("tiny"), "data/builtin", "runs/x")
+
+A run directory holds:
+
+    config.json          preset, size, model and train configs, data dir and its fingerprint
+    status.json          {status: running|finished|diverged|interrupted, step, best_val_loss, ...}
+    metrics.jsonl        one line per step (loss, ce, reg, lr, grad_norm, tokens_per_s); every
+                         log_interval also head_entropy (L x H), thresholds (L x H), temperature
+                         stats per layer; eval lines {"event": "eval", val_loss, val_ppl}
+    checkpoints/last/    model.safetensors, config.json, trainer_state.pt (atomic, see checkpoint.py)
+    checkpoints/best/    the same, for the lowest validation loss so far
+
+Determinism: the batch of micro-step m at step s on rank r is a pure function of
+(seed, s, r * accum + m), and dropout is reseeded from the same numbers, so resuming from a
+checkpoint at step s replays exactly what an uninterrupted run would do, and the global batch
+does not depend on how it is split over processes. The learning rate is a pure function of
+the step too, so the only state to restore is the weights and the optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_io
+from .config import ModelConfig, TrainConfig
+from .data.shards import TokenData, atomic_write_text
+from .model import PiGPT
+
+EXIT_DIVERGED = 3
+"""CLI exit status of a run that stopped on a non-finite loss (a result, not a crash)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Schedule
+
+
+def warmup_steps(cfg: TrainConfig) -> int:
+    """`warmup` < 1 is a fraction of max_steps, otherwise a number of steps."""
+    return int(round(cfg.warmup * cfg.max_steps)) if cfg.warmup < 1 else int(cfg.warmup)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for the update with 0-based index `step`: linear warmup, then linear or cosine decay."""
+    w = warmup_steps(cfg)
+    if step < w:
+        return cfg.lr * (step + 1) / w
+    if cfg.max_steps <= w:
+        return cfg.lr
+    progress = min(1.0, (step - w) / max(1, cfg.max_steps - w))
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return cfg.min_lr + (1.0 - progress) * (cfg.lr - cfg.min_lr)
+
+
+# ---------------------------------------------------------------------------------------
+# Environment: device, precision, processes
+
+
+@dataclasses.dataclass
+class _Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def _setup_dist(device_type: str) -> _Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run has none of them."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Dist()
+    d = _Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return d
+
+
+def _resolve_device(cfg: TrainConfig, d: _Dist) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TrainConfig.device='cuda' but no CUDA device is available; use device=auto or cpu")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """None means plain fp32. 'auto' is bf16 on CUDA (the paper's GPUs) and fp32 on CPU."""
+    name = cfg.dtype
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("TrainConfig.dtype='fp16' needs CUDA; on CPU use 'bf16' or 'fp32'")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 64-bit seed from integers (numpy's SeedSequence mixes well and is stable across versions)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
+
+
+def _fingerprint(data: TokenData) -> dict[str, Any]:
+    s = data.meta["splits"]
+    tok = data.dir / "tokenizer.json"
+    import hashlib
+
+    return {
+        "train_sha256": s["train"].get("sha256"), "val_sha256": s["val"].get("sha256"),
+        "tokenizer_sha256": hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Run directory files
+
+
+class _Run:
+    """RUN_DIR bookkeeping: config.json, status.json, metrics.jsonl, TensorBoard (rank 0 only)."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.dir = out_dir
+        self.enabled = enabled
+        self.status: dict[str, Any] = {}
+        self._metrics = None
+        self._tb = None
+
+    def open_metrics(self, keep_through_step: int | None, tensorboard: bool) -> None:
+        if not self.enabled:
+            return
+        path = self.dir / "metrics.jsonl"
+        if keep_through_step is not None and path.is_file():
+            # Resuming at step s: the lines after s describe steps that are about to be redone.
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a kill
+                if rec.get("step", 0) <= keep_through_step:
+                    kept.append(line)
+            atomic_write_text(path, "".join(x + "\n" for x in kept))
+        self._metrics = open(path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("TrainConfig.tensorboard=True needs the tensorboard package: pip install tensorboard") from None
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any], flush: bool = False) -> None:
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps(_jsonable(record)) + "\n")
+        if flush:
+            self._metrics.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self._tb.add_scalar(("val/" if record.get("event") == "eval" else "train/") + k, v, record["step"])
+
+    def set_status(self, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        self.status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        atomic_write_text(self.dir / "status.json", json.dumps(_jsonable(self.status), indent=1) + "\n")
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(x: Any) -> Any:
+    """Non-finite floats become null: metrics.jsonl stays strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _model_stats(model: PiGPT) -> dict[str, Any]:
+    """Learned thresholds (L x H) and per-layer temperature statistics, when the model has them."""
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        th = model.thresholds()
+        if th is not None:
+            out["thresholds"] = th.float().cpu().tolist()
+        t = model.temperatures()
+        if t is not None:
+            flat = t.float().flatten(1)  # (L, H*T)
+            out["temperature"] = {
+                "mean": flat.mean(1).tolist(), "std": flat.std(1).tolist(),
+                "min": flat.min(1).values.tolist(), "max": flat.max(1).values.tolist(),
+            }
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: PiGPT,
+    data: TokenData,
+    batch_size: int,
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, float]:
+    """Mean validation cross-entropy over fixed windows, and perplexity = exp(mean CE).
+
+    Every window has block_size tokens, so the mean over windows is the mean over tokens.
+    Under DDP each rank scores its share of the windows and the sums are all-reduced.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    T = model.config.block_size
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of CE over tokens, tokens)
+    for x, y in data.iter_val(batch_size, T, max_batches, rank, world_size, device):
+        with _autocast(device, amp_dtype):
+            # CE from the logits rather than model(x, y): without targets the model keeps the
+            # fused attention path even when it is entropy-regularised (same numbers, faster).
+            logits = model(x).logits
+        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        total += torch.stack([ce.double() * y.numel(), torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    return {"val_loss": loss, "val_ppl": math.exp(loss) if math.isfinite(loss) and loss < 700 else float("inf"),
+            "val_tokens": int(total[1].item())}
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    which: str = "best",
+    max_batches: int | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Load a run's checkpoint (best, else last) and score it on the whole val split of its data.
+
+    `data_dir` defaults to the one recorded in RUN_DIR/config.json; its tokenizer must be the
+    run's (a different vocabulary or tokenizer would make the perplexity meaningless).
+    """
+    run_dir = Path(run_dir)
+    ckpt = ckpt_io.resolve_checkpoint(run_dir, which)
+    run_cfg_path = run_dir / "config.json"
+    run_cfg = json.loads(run_cfg_path.read_text()) if run_cfg_path.is_file() and (run_dir / "checkpoints").is_dir() else {}
+    if data_dir is None:
+        data_dir = run_cfg.get("data", {}).get("dir")
+        if data_dir is None:
+            raise ValueError(f"{run_dir} records no data directory; pass --data DIR")
+    data = TokenData(data_dir)
+    model = ckpt_io.load_model(ckpt, device=device)
+    if model.config.vocab_size != data.vocab_size:
+        raise ValueError(
+            f"{data.dir} has vocab_size {data.vocab_size} but the model in {ckpt} has {model.config.vocab_size}: "
+            "evaluate on data prepared with the run's tokenizer"
+        )
+    recorded = run_cfg.get("data", {}).get("fingerprint", {}).get("tokenizer_sha256")
+    if recorded and recorded != _fingerprint(data)["tokenizer_sha256"]:
+        raise ValueError(f"{data.dir} was tokenized with a different tokenizer than the run {run_dir} was trained on")
+    data.check_block_size(model.config.block_size)
+    state = ckpt_io.load_trainer_state(ckpt) if (ckpt / ckpt_io.TRAINER_STATE).is_file() else None
+    result = evaluate(model, data, batch_size, max_batches, device)
+    return {
+        "val_loss": result["val_loss"], "ppl": result["val_ppl"], "val_tokens": result["val_tokens"],
+        "checkpoint": str(ckpt), "step": state.get("step") if state else None, "data_dir": str(data.dir),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def _check_resume_compatible(saved: dict[str, Any], model_cfg: ModelConfig, fingerprint: dict[str, Any]) -> None:
+    saved_model = ModelConfig.from_dict(saved["model"])
+    if saved_model != model_cfg:
+        diff = [f"{k}: {getattr(saved_model, k)!r} -> {getattr(model_cfg, k)!r}"
+                for k in saved["model"] if getattr(saved_model, k) != getattr(model_cfg, k)]
+        raise ValueError("--resume with a different model config than the run's: " + "; ".join(diff))
+    old = saved.get("data", {}).get("fingerprint", {})
+    changed = [k for k in ("train_sha256", "tokenizer_sha256") if old.get(k) and old[k] != fingerprint.get(k)]
+    if changed:
+        raise ValueError(f"--resume with different data than the run was trained on ({', '.join(changed)} changed)")
+
+
+def train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    resume: bool = False,
+    *,
+    preset: str | None = None,
+    size: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `model_cfg` on the prepared data in `data_dir`, writing the run to `out_dir`.
+
+    The model's vocab_size is taken from the data. Returns a dict with status ('finished' or
+    'diverged'), step, best_val_loss, final val_loss/val_ppl, tokens_per_s and paths.
+    Raises ValueError / FileNotFoundError for bad input before doing any work.
+    """
+    t_start = time.time()
+    out = Path(out_dir)
+    data = TokenData(data_dir)
+    if model_cfg.vocab_size != data.vocab_size:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
+    data.check_block_size(model_cfg.block_size)
+    fingerprint = _fingerprint(data)
+
+    device_type = "cuda" if train_cfg.device == "cuda" or (train_cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    d = _setup_dist(device_type)
+    device = _resolve_device(train_cfg, d)
+    amp_dtype = _autocast_dtype(train_cfg, device)
+
+    micro = min(train_cfg.micro_batch_size, max(1, train_cfg.batch_size // d.world))
+    if train_cfg.batch_size % (micro * d.world):
+        raise ValueError(
+            f"TrainConfig.batch_size={train_cfg.batch_size} must be a multiple of micro_batch_size x processes "
+            f"= {micro} x {d.world}; adjust train.batch_size or train.micro_batch_size"
+        )
+    accum = train_cfg.batch_size // (micro * d.world)
+    T = model_cfg.block_size
+    tokens_per_step = train_cfg.batch_size * T
+
+    # -- run directory: new or resumed ------------------------------------------------------
+    last_dir = out / "checkpoints" / "last"
+    state: dict[str, Any] | None = None
+    if resume:
+        if not (out / "config.json").is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
+        saved = json.loads((out / "config.json").read_text())
+        _check_resume_compatible(saved, model_cfg, fingerprint)
+        try:
+            last = ckpt_io.resolve_checkpoint(last_dir)
+        except FileNotFoundError:
+            last = None  # killed before the first checkpoint: start over in place
+        if last is not None:
+            state = ckpt_io.load_trainer_state(last)
+    elif (out / "config.json").is_file() or (out / "checkpoints").exists():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
+
+    run = _Run(out, enabled=d.master)
+    if d.master:
+        out.mkdir(parents=True, exist_ok=True)
+        run_cfg = {
+            "preset": preset, "size": size, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+            "data": {"dir": str(Path(data_dir).resolve()), "source": data.meta.get("source"),
+                     "vocab_size": data.vocab_size, "fingerprint": fingerprint},
+            "world_size": d.world, "device": str(device), "micro_batch_size": micro, "grad_accum": accum,
+            "torch": torch.__version__, "python": sys.version.split()[0],
+        }
+        atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=1) + "\n")
+
+    # -- model and optimizer ---------------------------------------------------------------
+    torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
+    if state is not None:
+        model = ckpt_io.load_model(last, device=device).train()
+    else:
+        model = PiGPT(model_cfg).to(device)
+    raw_model = model
+    optimizer = torch.optim.AdamW(
+        model.optim_groups(train_cfg.weight_decay), lr=train_cfg.lr,
+        betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    start_step, best_val, best_step = 0, float("inf"), None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_step = int(state["step"])
+        best_val = float(state.get("best_val_loss", float("inf")))
+        best_step = state.get("best_step")
+        _set_rng(state.get("rng"))
+    if train_cfg.compile:
+        model = torch.compile(model)
+    if d.on:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+
+    run.open_metrics(start_step if resume else None, train_cfg.tensorboard)
+    if resume and d.master:
+        run.status = json.loads((out / "status.json").read_text()) if (out / "status.json").is_file() else {}
+        run.log({"step": start_step, "event": "resume", "world_size": d.world}, flush=True)
+    run.set_status(status="running", step=start_step, max_steps=train_cfg.max_steps, best_val_loss=best_val,
+                   best_step=best_step, diverged_at=None, pid=os.getpid())
+
+    def trainer_state(step: int) -> dict[str, Any]:
+        return {
+            "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "scheduler": {"kind": train_cfg.schedule, "warmup_steps": warmup_steps(train_cfg), "lr": train_cfg.lr,
+                          "min_lr": train_cfg.min_lr, "max_steps": train_cfg.max_steps, "note": "lr is a pure function of step"},
+            "rng": _get_rng(), "best_val_loss": best_val, "best_step": best_step,
+            "data_position": {"step": step, "seed": train_cfg.seed, "rule": "batch(seed, step, rank*accum+micro)"},
+            "train_config": train_cfg.to_dict(), "world_size": d.world, "tokens_seen": step * tokens_per_step,
+        }
+
+    def save(which: str, step: int) -> None:
+        if d.master:
+            ckpt_io.save_checkpoint(out / "checkpoints" / which, raw_model, trainer_state(step))
+
+    def run_eval(step: int) -> dict[str, float]:
+        nonlocal best_val, best_step
+        ev = evaluate(raw_model, data, micro, train_cfg.eval_batches, device, amp_dtype, d.rank, d.world)
+        run.log({"step": step, "event": "eval", **ev}, flush=True)
+        if ev["val_loss"] < best_val:
+            best_val, best_step = ev["val_loss"], step
+            save("best", step)
+        run.set_status(step=step, best_val_loss=best_val, best_step=best_step, last_val_loss=ev["val_loss"])
+        return ev
+
+    bar = None
+    if d.master and progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=train_cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                   desc=f"train {preset or ''}".strip())
+
+    # -- the loop ------------------------------------------------------------------------------
+    model.train()
+    status, diverged_at, last_eval = "finished", None, None
+    step = start_step
+    t_loop, tokens_run = time.time(), 0
+    try:
+        while step < train_cfg.max_steps:
+            t0 = time.time()
+            lr = lr_at(step, train_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            log_now = (step + 1) % train_cfg.log_interval == 0 or step + 1 == train_cfg.max_steps
+            sums = torch.zeros(3, device=device)  # loss, ce, reg: means over this rank's micro-batches
+            head_ent = None  # (L, H) mean over micro-batches, when the forward computed it
+            for m in range(accum):
+                g = d.rank * accum + m  # global micro-batch index: batches do not depend on world size
+                torch.manual_seed(_mix_seed(train_cfg.seed, step, g))  # dropout, reproducible on resume
+                x, y = data.get_batch("train", micro, T, step=step, micro_step=g, seed=train_cfg.seed, device=device)
+                sync = not d.on or m == accum - 1  # DDP all-reduces gradients on the last micro-step only
+                with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, amp_dtype):
+                    o = model(x, y)
+                    loss = o.loss / accum
+                scaler.scale(loss).backward()
+                reg = o.reg_loss.detach() if o.reg_loss is not None else torch.zeros((), device=device)
+                sums += torch.stack([o.loss.detach(), o.ce_loss.detach(), reg.float()]) / accum
+                if log_now and o.head_entropy is not None:
+                    e = o.head_entropy.detach() / accum
+                    head_ent = e if head_ent is None else head_ent + e
+            if d.on:
+                dist.all_reduce(sums)  # gloo has no AVG: sum, then divide
+                sums /= d.world
+            loss_v, ce_v, reg_v = sums.tolist()  # one host sync per step: needed to catch divergence now
+
+            if not math.isfinite(loss_v):
+                # A diverged run is a result: record it, keep the last good checkpoint, stop.
+                status, diverged_at = "diverged", step + 1
+                optimizer.zero_grad(set_to_none=True)
+                run.log({"step": step + 1, "event": "diverged", "loss": loss_v, "ce": ce_v, "lr": lr}, flush=True)
+                run.set_status(status="diverged", step=step + 1, diverged_at=step + 1)
+                break
+
+            if train_cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), train_cfg.grad_clip).item()
+            else:
+                grad_norm = float("nan")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            dt = time.time() - t0
+            tokens_run += tokens_per_step
+            rec = {"step": step, "loss": loss_v, "ce": ce_v, "reg": reg_v if model_cfg.entropy_reg else None,
+                   "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
+            if log_now and d.master:
+                if head_ent is None:  # the fused attention path computes no entropies: measure on this batch
+                    with torch.no_grad(), _autocast(device, amp_dtype):
+                        head_ent = raw_model(x, return_entropy=True).head_entropy
+                rec["head_entropy"] = head_ent.float().cpu().tolist()
+                rec.update(_model_stats(raw_model))
+            run.log(rec, flush=log_now)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+
+            if step % train_cfg.eval_interval == 0 or step == train_cfg.max_steps:
+                last_eval = run_eval(step)
+            if step % train_cfg.checkpoint_interval == 0 or step == train_cfg.max_steps:
+                save("last", step)
+                run.set_status(step=step, last_checkpoint_step=step)
+    except KeyboardInterrupt:
+        run.set_status(status="interrupted", step=step)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        run.close()
+
+    if status == "finished":
+        run.set_status(status="finished", step=step)
+    elapsed = time.time() - t_loop
+    if d.on:
+        dist.barrier()
+    return {
+        "status": status, "step": step, "diverged_at": diverged_at, "max_steps": train_cfg.max_steps,
+        "best_val_loss": best_val if math.isfinite(best_val) else None, "best_step": best_step,
+        "val_loss": last_eval["val_loss"] if last_eval else None, "val_ppl": last_eval["val_ppl"] if last_eval else None,
+        "tokens_per_s": tokens_run / elapsed if tokens_run else None, "seconds": time.time() - t_start,
+        "run_dir": str(out), "world_size": d.world, "rank": d.rank,
+    }
+
+
+def _get_rng() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng(rng: dict[str, Any] | None) -> None:
+    # Batches and dropout are reseeded from the step, so these only matter to code outside the loop.
+    if not rng:
+        return
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
