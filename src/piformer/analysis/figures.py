@@ -1,0 +1,417 @@
+"""Figures of the entropy analysis (matplotlib, Agg, no pyplot state): PNG and SVG.
+
+Each ``plot_*`` function takes a list of `EntropyResult` (one or several runs, compared in one
+figure), writes ``out_dir/<stem>.<fmt>`` for each format, and returns the paths written.
+`make_all_figures` writes all that the results can support and returns ``{name: png_path}``;
+what it could not draw (e.g. thresholds when no run uses the regulariser) is in ``.skipped``.
+
+    figs = make_all_figures(results, "figs/")
+    figs["heatmap"]      # figs/entropy_heatmap.png (and .svg beside it)
+    figs.skipped         # {"thresholds": "no run has learned thresholds ..."}
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from matplotlib import colormaps, rc_context
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm, Normalize
+from matplotlib.figure import Figure
+
+from ..entropy import BAND_LABELS
+from .result import EntropyResult
+
+FORMATS = ("png", "svg")
+DPI = 150
+_SEQ_CMAP = "viridis"  # yellow = high entropy, as in the paper's heatmaps
+
+
+class FigureUnavailable(ValueError):
+    """The results hold nothing this figure could show (the message says what is missing)."""
+
+
+class FigureSet(dict):
+    """``{name: png path}`` of the figures written, plus ``skipped = {name: reason}``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped: dict[str, str] = {}
+        self.all_paths: dict[str, list[Path]] = {}
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _save(fig: Figure, out_dir: str | Path, stem: str, formats: Sequence[str]) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad or not formats:
+        raise ValueError(f"figure formats must be among png, svg, pdf; got {list(formats)}")
+    paths = []
+    for fmt in formats:
+        p = out / f"{stem}.{fmt}"
+        meta = {"Date": None} if fmt in ("svg", "pdf") else {}
+        with rc_context({"svg.hashsalt": "piformer", "svg.fonttype": "path"}):
+            fig.savefig(p, format=fmt, dpi=DPI, metadata=meta)
+        paths.append(p)
+    return paths
+
+
+def _grid(n: int, ncols: int) -> tuple[int, int]:
+    ncols = max(1, min(ncols, n))
+    return math.ceil(n / ncols), ncols
+
+
+def _ticks(n: int, max_ticks: int = 12) -> list[int]:
+    step = max(1, math.ceil(n / max_ticks))
+    return list(range(0, n, step))
+
+
+def _short(name: str, width: int = 22) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _require(results: Sequence[EntropyResult]) -> None:
+    if not results:
+        raise ValueError("no results to plot")
+
+
+def _as_results(items: Sequence[EntropyResult | str | Path]) -> list[EntropyResult]:
+    if all(isinstance(x, EntropyResult) for x in items):
+        return list(items)
+    from .runs import load_or_analyse
+
+    return load_or_analyse(items)
+
+
+# ---------------------------------------------------------------------------------------
+# figures
+
+
+def plot_head_entropy_heatmaps(
+    results: Sequence[EntropyResult],
+    out_dir: str | Path,
+    *,
+    stem: str = "entropy_heatmap",
+    formats: Sequence[str] = FORMATS,
+    vmax: float | None = None,
+    ncols: int = 3,
+) -> list[Path]:
+    """Layers x heads heatmap of attention entropy per run, one subplot each (paper Figs 2 and 4).
+
+    All subplots share one colour scale, 0 to `vmax` nats (default: the largest log T among the
+    runs), so colours compare across runs. Layer labels of overloaded layers are drawn in red and
+    those of collapsed layers in blue (the diagnosis criteria are in the caption).
+    """
+    _require(results)
+    vmax = float(vmax) if vmax is not None else max(r.e_max for r in results)
+    nrows, ncols = _grid(len(results), ncols)
+    fig = Figure(figsize=(3.3 * ncols + 1.2, 2.9 * nrows + 1.3), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    cmap = colormaps[_SEQ_CMAP].with_extremes(bad="#d0d0d0")
+    norm = Normalize(0.0, vmax)
+    annotate = all(r.n_layer * r.n_head <= 64 for r in results)
+    for ax, r in zip(axes.flat, results):
+        e = np.ma.masked_invalid(r.head_entropy)
+        ax.imshow(e, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        ax.set_title(f"{_short(r.name, 30)}\nT={r.seq_len}, mean {r.mean_entropy:.2f} nats", fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer (0 = first)")
+        ax.set_xticks(_ticks(r.n_head))
+        yt = _ticks(r.n_layer, 18)
+        ax.set_yticks(yt)
+        d = r.diagnosis
+        for lab, l in zip(ax.get_yticklabels(), yt):
+            if d is not None and l in d.overloaded_layers:
+                lab.set_color("#c0392b")
+                lab.set_fontweight("bold")
+            elif d is not None and l in d.collapsed_layers:
+                lab.set_color("#1f5fbf")
+                lab.set_fontweight("bold")
+        ax.tick_params(labelsize=7)
+        if annotate:
+            for (l, h), v in np.ndenumerate(r.head_entropy):
+                if np.isfinite(v):
+                    ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                            color="black" if v > 0.6 * vmax else "white")
+    for ax in list(axes.flat)[len(results):]:
+        ax.set_axis_off()
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9, pad=0.02)
+    cbar.set_label("attention entropy (nats)")
+    for r in {r.seq_len: r for r in results}.values():
+        for y, label in ((r.e_max, f"log {r.seq_len}"), (r.causal_ceiling, f"uniform\ncausal\nT={r.seq_len}")):
+            if y <= vmax:
+                cbar.ax.axhline(y, color="white", lw=1.2, ls="--" if y == r.e_max else ":")
+                cbar.ax.text(-0.08, y / vmax, label, transform=cbar.ax.transAxes, fontsize=6,
+                             va="center", ha="right", clip_on=False)
+    fig.suptitle("Per-head attention entropy (Eq. 7), shared colour scale 0 to "
+                 f"{vmax:.2f} nats; grey = not finite", fontsize=11)
+    fig.supxlabel("Layer labels: red = entropic overload, blue = entropy collapse (criteria in the text output "
+                  "/ --json).\nColour bar: dashed = log T; dotted = entropy of a uniform causal head "
+                  "(the most a causal head can reach).", fontsize=7, color="#444")
+    return _save(fig, out_dir, stem, formats)
+
+
+def plot_band_fractions(
+    results: Sequence[EntropyResult],
+    out_dir: str | Path,
+    *,
+    stem: str = "entropy_bands",
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Fraction of heads in the four entropy bands, one bar group per run (paper Fig. 2a).
+
+    Top panel: bands relative to each run's largest head entropy (the paper's convention).
+    Bottom panel: the same bands relative to log T (an absolute scale shared by runs of equal T).
+    """
+    _require(results)
+    n = len(results)
+    fig = Figure(figsize=(max(6.0, 1.25 * n + 2.5), 7.2), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    colors = [colormaps[_SEQ_CMAP](x) for x in (0.05, 0.35, 0.65, 0.95)]
+    x = np.arange(n)
+    w = 0.8 / 4
+    for ax, key, title in (
+        (axes[0], "bands_max", "relative to the largest head entropy of each run (max), as in paper Fig. 2a"),
+        (axes[1], "bands_logt", "relative to log T (max replaced by log T)"),
+    ):
+        fr = np.array([getattr(r, key) for r in results], dtype=float) * 100
+        for b in range(4):
+            bars = ax.bar(x + (b - 1.5) * w, np.nan_to_num(fr[:, b]), w, color=colors[b],
+                          edgecolor="black", linewidth=0.4, label=BAND_LABELS[b])
+            if n <= 8:
+                for rect, v in zip(bars, fr[:, b]):
+                    if np.isfinite(v):
+                        ax.text(rect.get_x() + rect.get_width() / 2, rect.get_height() + 1, f"{v:.0f}",
+                                ha="center", va="bottom", fontsize=6)
+        ax.set_ylim(0, 110)
+        ax.set_ylabel("heads in band (%)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    axes[0].legend(title="entropy band", fontsize=7, title_fontsize=8, ncols=4, loc="upper center")
+    axes[1].set_xticks(x, [_short(r.name) for r in results], rotation=20 if n > 3 else 0,
+                       ha="right" if n > 3 else "center", fontsize=8)
+    axes[1].set_xlabel("run")
+    fig.suptitle("Distribution of attention heads over entropy bands", fontsize=11)
+    return _save(fig, out_dir, stem, formats)
+
+
+def plot_layer_entropy(
+    results: Sequence[EntropyResult],
+    out_dir: str | Path,
+    *,
+    stem: str = "entropy_by_layer",
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Mean head entropy per layer, one line per run, with the min-max range over heads shaded."""
+    _require(results)
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    cmap = colormaps["tab10"]
+    for i, r in enumerate(results):
+        layers = np.arange(r.n_layer)
+        c = cmap(i % 10)
+        ax.plot(layers, r.layer_mean, marker="o", ms=3, color=c, label=_short(r.name, 30))
+        if len(results) <= 3:
+            ax.fill_between(layers, r.layer_min, r.layer_max, color=c, alpha=0.12, linewidth=0)
+    for r in {r.seq_len: r for r in results}.values():
+        ax.axhline(r.e_max, color="grey", ls="--", lw=1)
+        ax.text(0, r.e_max, f" log T = {r.e_max:.2f} (T={r.seq_len})", va="bottom", fontsize=7, color="grey")
+        ax.axhline(r.causal_ceiling, color="grey", ls=":", lw=1)
+        ax.text(0, r.causal_ceiling, f" uniform causal head = {r.causal_ceiling:.2f}", va="bottom", fontsize=7,
+                color="grey")
+    ax.set_xlabel("layer (0 = first)")
+    ax.set_ylabel("mean head entropy (nats)")
+    ax.set_ylim(0, 1.1 * max(r.e_max for r in results))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("Attention entropy by layer (line: mean over heads"
+                 + ("; band: min to max over heads)" if len(results) <= 3 else ")"), fontsize=10)
+    return _save(fig, out_dir, stem, formats)
+
+
+def plot_entropy_dynamics(
+    results: Sequence[EntropyResult],
+    out_dir: str | Path,
+    *,
+    stem: str = "entropy_dynamics",
+    formats: Sequence[str] = FORMATS,
+    ncols: int = 3,
+) -> list[Path]:
+    """Mean head entropy of each layer against the training step, one subplot per run (paper Fig. 7).
+
+    Read from the runs' metrics.jsonl (per-head entropy logged during training, on training batches).
+    """
+    runs = [r for r in results if r.history is not None and len(r.history.steps) > 0]
+    if not runs:
+        raise FigureUnavailable("no run has per-head entropy logged in metrics.jsonl")
+    nrows, ncols = _grid(len(runs), ncols)
+    fig = Figure(figsize=(3.8 * ncols + 1.3, 3.1 * nrows + 0.8), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    max_l = max(r.n_layer for r in runs)
+    cmap = colormaps["plasma"]
+    bounds = np.arange(max_l + 1) - 0.5
+    norm = BoundaryNorm(bounds, cmap.N)
+    top = 1.1 * max(max(r.e_max, float(np.nanmax(r.history.layer_mean, initial=0.0))) for r in runs)
+    for ax, r in zip(axes.flat, runs):
+        h = r.history
+        for l in range(h.layer_mean.shape[1]):
+            ax.plot(h.steps, h.layer_mean[:, l], color=cmap(norm(l)), lw=1.2,
+                    marker="o" if len(h.steps) < 15 else None, ms=2.5)
+        ax.axhline(r.e_max, color="grey", ls="--", lw=1)
+        ax.text(h.steps[0], r.e_max, f"log T = {r.e_max:.2f}", va="bottom", fontsize=7, color="grey")
+        ax.set_title(_short(r.name, 30), fontsize=9)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("mean head entropy (nats)")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(0, top)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.set_axis_off()
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9, pad=0.02,
+                        ticks=_ticks(max_l, 18))
+    cbar.set_label("layer (0 = first)")
+    fig.suptitle("Entropy dynamics during training: mean head entropy per layer (training batches)",
+                 fontsize=11)
+    return _save(fig, out_dir, stem, formats)
+
+
+def plot_thresholds(
+    results: Sequence[EntropyResult],
+    out_dir: str | Path,
+    *,
+    stem: str = "thresholds",
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Learned threshold weights theta of the entropy regulariser (paper Fig. 5).
+
+    Left: theta per layer and head (target entropy = theta x log T), shared colour scale.
+    Right: per-layer mean of theta over heads (bars) and its variance (line, right axis).
+    """
+    runs = [r for r in results if r.thresholds is not None]
+    if not runs:
+        raise FigureUnavailable("no run has learned thresholds (the entropy regulariser is off in all)")
+    allv = np.concatenate([r.thresholds.ravel() for r in runs])
+    allv = allv[np.isfinite(allv)]
+    lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.05, hi + 0.05
+    norm = Normalize(lo, hi)
+    cmap = colormaps["cividis"]
+    fig = Figure(figsize=(10.0, 3.3 * len(runs) + 0.8), layout="constrained")
+    axes = fig.subplots(len(runs), 2, squeeze=False, width_ratios=[1.0, 1.25])
+    for (ax_h, ax_s), r in zip(axes, runs):
+        th = r.thresholds
+        ax_h.imshow(th, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        ax_h.set_title(f"{_short(r.name, 30)}: theta per head", fontsize=9)
+        ax_h.set_xlabel("head")
+        ax_h.set_ylabel("layer (0 = first)")
+        ax_h.set_xticks(_ticks(th.shape[1]))
+        ax_h.set_yticks(_ticks(th.shape[0], 18))
+        ax_h.tick_params(labelsize=7)
+        layers = np.arange(th.shape[0])
+        mean, var = th.mean(axis=1), th.var(axis=1)
+        ax_s.bar(layers, mean, color="#4c72b0", alpha=0.8, label="mean over heads")
+        ax_s.set_xlabel("layer (0 = first)")
+        ax_s.set_ylabel("mean theta (fraction of log T)")
+        ax_s.xaxis.get_major_locator().set_params(integer=True)
+        ax_s.grid(axis="y", alpha=0.3)
+        ax2 = ax_s.twinx()
+        ax2.plot(layers, var, color="#c44e52", marker="o", ms=3, label="variance over heads")
+        ax2.set_ylabel("variance of theta", color="#c44e52")
+        ax2.tick_params(axis="y", colors="#c44e52")
+        ax2.set_ylim(bottom=0)
+        ax_s.set_title(f"{_short(r.name, 30)}: per-layer mean and variance", fontsize=9)
+        handles = ax_s.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax_s.legend(handles, [hd.get_label() for hd in handles], fontsize=7, loc="upper right")
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, 0].tolist(), shrink=0.9, pad=0.02)
+    cbar.set_label("theta (target entropy = theta x log T)")
+    fig.suptitle("Learned entropy-regularisation thresholds (reg_threshold_weights)", fontsize=11)
+    return _save(fig, out_dir, stem, formats)
+
+
+def plot_temperatures(
+    results: Sequence[EntropyResult],
+    out_dir: str | Path,
+    *,
+    stem: str = "temperatures",
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Learned softmax temperatures per layer: mean (line), +-1 std (error bars) and min-max
+    (shaded) over heads and positions, one series per run with SM(t)."""
+    runs = [r for r in results if r.temperature is not None]
+    if not runs:
+        raise FigureUnavailable("no run has learned softmax temperatures (attn_temperature is off in all)")
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    cmap = colormaps["tab10"]
+    lows = []
+    for i, r in enumerate(runs):
+        t = {k: np.asarray(v, dtype=float) for k, v in r.temperature.items()}
+        layers = np.arange(len(t["mean"])) + (i - (len(runs) - 1) / 2) * 0.08
+        c = cmap(i % 10)
+        ax.fill_between(layers, t["min"], t["max"], color=c, alpha=0.15, linewidth=0)
+        ax.errorbar(layers, t["mean"], yerr=t["std"], color=c, marker="o", ms=3, capsize=2,
+                    label=f"{_short(r.name, 30)}: mean +-1 std; shaded min-max")
+        lows.append(t["min"])
+    lo = np.concatenate(lows)
+    hi = np.concatenate([np.asarray(r.temperature["max"], dtype=float) for r in runs])
+    if np.all(lo > 0) and hi.max() / lo.min() > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("layer (0 = first)")
+    ax.set_ylabel("temperature t (logits divided by t * sqrt(d_k))")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Learned softmax temperatures per layer (over heads and query positions)", fontsize=10)
+    return _save(fig, out_dir, stem, formats)
+
+
+FIGURES: dict[str, Callable[..., list[Path]]] = {
+    "heatmap": plot_head_entropy_heatmaps,
+    "bands": plot_band_fractions,
+    "layer_entropy": plot_layer_entropy,
+    "dynamics": plot_entropy_dynamics,
+    "thresholds": plot_thresholds,
+    "temperatures": plot_temperatures,
+}
+"""Figure name -> function, in the order make_all_figures draws them."""
+
+
+def make_all_figures(
+    results: Sequence[EntropyResult | str | Path],
+    out_dir: str | Path,
+    formats: Sequence[str] = FORMATS,
+    only: Sequence[str] | None = None,
+) -> FigureSet:
+    """Draw every figure the results support into `out_dir`; ``{name: png path}`` (first format's
+    path when png is not among `formats`), with ``.skipped`` giving why a figure was left out and
+    ``.all_paths`` every file written.
+
+    results: `EntropyResult`s, or run directories: a run's saved ``entropy.json`` is read when it
+    has one, else the run is analysed on its recorded data directory.
+    """
+    results = _as_results(results)
+    _require(results)
+    names = list(FIGURES) if only is None else list(only)
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        raise ValueError(f"unknown figure(s) {unknown}; valid: {', '.join(FIGURES)}")
+    out = FigureSet()
+    for name in names:
+        try:
+            paths = FIGURES[name](results, out_dir, formats=formats)
+        except FigureUnavailable as why:
+            out.skipped[name] = str(why)
+            continue
+        out.all_paths[name] = paths
+        out[name] = next((p for p in paths if p.suffix == ".png"), paths[0])
+    return out
