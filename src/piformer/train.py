@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -383,6 +384,10 @@ def train(
     run = _Run(out, enabled=d.master)
     if d.master:
         out.mkdir(parents=True, exist_ok=True)
+        # A kill mid-save leaves the half-written temp directory of checkpoint.save_checkpoint
+        # behind (never mistaken for a checkpoint, but litter): clear it before writing again.
+        for stale in (out / "checkpoints").glob(".*.tmp-*") if (out / "checkpoints").is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)
         run_cfg = {
             "preset": preset, "size": size, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
             "data": {"dir": str(Path(data_dir).resolve()), "source": data.meta.get("source"),
@@ -405,12 +410,12 @@ def train(
         **({"fused": True} if device.type == "cuda" else {}),
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    start_step, best_val, best_step = 0, float("inf"), None
+    start_step, best_val, best_step, last_ckpt_step = 0, float("inf"), None, None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start_step = int(state["step"])
+        start_step = last_ckpt_step = int(state["step"])
         best_val = float(state.get("best_val_loss", float("inf")))
         best_step = state.get("best_step")
         _set_rng(state.get("rng"))
@@ -439,8 +444,11 @@ def train(
         }
 
     def save(which: str, step: int) -> None:
+        nonlocal last_ckpt_step
         if d.master:
             ckpt_io.save_checkpoint(out / "checkpoints" / which, raw_model, trainer_state(step))
+        if which == "last":
+            last_ckpt_step = step
 
     def run_eval(step: int) -> dict[str, float]:
         nonlocal best_val, best_step
@@ -497,7 +505,8 @@ def train(
                 status, diverged_at = "diverged", step + 1
                 optimizer.zero_grad(set_to_none=True)
                 run.log({"step": step + 1, "event": "diverged", "loss": loss_v, "ce": ce_v, "lr": lr}, flush=True)
-                run.set_status(status="diverged", step=step + 1, diverged_at=step + 1)
+                run.set_status(status="diverged", step=step + 1, diverged_at=step + 1,
+                               last_checkpoint_step=last_ckpt_step)
                 break
 
             if train_cfg.grad_clip > 0:
@@ -546,6 +555,7 @@ def train(
     return {
         "status": status, "step": step, "diverged_at": diverged_at, "max_steps": train_cfg.max_steps,
         "best_val_loss": best_val if math.isfinite(best_val) else None, "best_step": best_step,
+        "last_checkpoint_step": last_ckpt_step,
         "val_loss": last_eval["val_loss"] if last_eval else None, "val_ppl": last_eval["val_ppl"] if last_eval else None,
         "tokens_per_s": tokens_run / elapsed if tokens_run else None, "seconds": time.time() - t_start,
         "run_dir": str(out), "world_size": d.world, "rank": d.rank,

@@ -66,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
                    progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         if result["status"] == "diverged":
-            print(f"{args.out}: diverged at step {result['diverged_at']} (non-finite loss); "
-                  f"last good checkpoint kept in {args.out}/checkpoints/last")
+            kept = (f"last good checkpoint (step {result['last_checkpoint_step']}) kept in {args.out}/checkpoints/last"
+                    if result["last_checkpoint_step"] is not None else "no checkpoint had been written yet")
+            print(f"{args.out}: diverged at step {result['diverged_at']} (non-finite loss); {kept}")
         else:
             ppl = result["val_ppl"]
             print(f"{args.out}: finished {result['step']} steps; val loss {result['val_loss']:.4f}, "
