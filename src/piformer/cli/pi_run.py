@@ -1,0 +1,154 @@
+"""`piformer pi-run`: secure two-party inference of a checkpoint under SPU, measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NAME = "pi-run"
+HELP = ("run a checkpoint under two-party secure inference (SPU): communication, messages and time "
+        "per operator class, agreement with plaintext, LAN/WAN latency")
+
+
+def add_spu_arguments(p: argparse.ArgumentParser) -> None:
+    """SPU options shared by pi-run and pi-query."""
+    g = p.add_argument_group("SPU")
+    g.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"), help="2PC protocol (default cheetah)")
+    g.add_argument("--settings", default="default", choices=("default", "optimised"),
+                   help="'default': SPU 0.9.5 as shipped; 'optimised': denominator broadcast, EMP Ferret OT, "
+                        "mul LSB error (see docs/private_inference.md)")
+    g.add_argument("--field", default=None, choices=("FM64", "FM128"), help="ring (default FM64)")
+    g.add_argument("--fxp-bits", type=int, default=None, help="fixed-point fraction bits (default 18)")
+    g.add_argument("--exp-clip", type=float, default=None, help="clamp softmax inputs x - max at -CLIP before exp")
+    g.add_argument("--vocab-chunk", type=int, default=4096,
+                   help="vocabulary rows per one-hot embedding / head matmul (memory bound; default 4096)")
+    g.add_argument("--layers", type=int, default=None, help="run only the first N blocks (default: all)")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from piformer.pi.spu_backend import SPUSettings
+
+    over = {"protocol": args.protocol}
+    if args.field:
+        over["field"] = args.field
+    if args.fxp_bits is not None:
+        over["fxp_fraction_bits"] = args.fxp_bits
+    if args.exp_clip is not None:
+        over["exp_clip"] = args.exp_clip
+    s = SPUSettings.preset(args.settings, **over)
+    s.validate()
+    return s
+
+
+def add_token_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("query tokens (default: the run's first validation tokens, else random ids)")
+    g.add_argument("--seq-len", type=int, default=None, help="number of tokens T")
+    g.add_argument("--tokens", default=None, help="token ids, e.g. '12,7,99'")
+    g.add_argument("--text", default=None, help="text, tokenized with the run's tokenizer")
+    g.add_argument("--seed", type=int, default=0, help="seed for random token ids")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory or checkpoint directory")
+    p.add_argument("--which", default="best", choices=("best", "last"), help="which checkpoint of a run")
+    add_token_arguments(p)
+    add_spu_arguments(p)
+    p.add_argument("--two-process", action="store_true",
+                   help="server and client as two OS processes over loopback TCP (brpc) instead of two threads")
+    p.add_argument("--port", type=int, default=0, help="with --two-process: first of two ports (default: free ports)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--ops", action="store_true", help="with --json: include SPU's per-op counters of every step")
+
+
+def _require_spu() -> None:
+    from piformer.pi.spu_backend import SPUMissingError, require_spu
+
+    try:
+        require_spu()
+    except SPUMissingError as err:
+        raise ValueError(str(err)) from None
+
+
+def print_report(report, as_json: bool, ops: bool = False, extra: dict | None = None) -> None:
+    from piformer.pi.secure import format_report
+
+    if as_json:
+        d = report.to_dict()
+        if not ops:
+            for s in d["steps"]:
+                s.pop("ops", None)
+        d.update(extra or {})
+        print(json.dumps(d, indent=1))
+    else:
+        for k, v in (extra or {}).items():
+            print(f"{k}: {v}")
+        print(format_report(report))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run(args: argparse.Namespace) -> int:
+    _require_spu()
+    from piformer.checkpoint import load_model
+    from piformer.pi import jax_forward as jf
+    from piformer.pi.secure import query, run_secure
+    from piformer.pi.tokens import resolve_tokens
+
+    settings = settings_from_args(args)
+    model = load_model(args.run_dir, which=args.which)
+    cfg = model.config
+    ids, source = resolve_tokens(args.run_dir, args.seq_len, cfg.vocab_size, cfg.block_size,
+                                 args.tokens, args.text, args.seed)
+    sd = jf.state_dict_to_numpy(model)
+    extra = {"checkpoint": str(args.run_dir), "tokens": source}
+    if not args.two_process:
+        report = run_secure(sd, cfg, ids, settings, vocab_chunk=args.vocab_chunk, layers=args.layers)
+        print_report(report, args.json, args.ops, extra)
+        return 0
+
+    # Two OS processes: a pi-serve child (weights) and this process as the client (tokens).
+    # This process also computes the plaintext reference, only to report the agreement.
+    program = jf.build_program(cfg, len(ids), vocab_chunk=args.vocab_chunk, exp_clip=settings.exp_clip,
+                               layers=args.layers)
+    params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
+    env = jf.run_program(program, {**params, **jf.one_hot_chunks(ids, program.vocab_chunks)})
+    import numpy as np
+
+    reference = np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)
+    client_port, server_port = (args.port, args.port + 1) if args.port else _free_ports(2)
+    client_addr, server_addr = f"127.0.0.1:{client_port}", f"127.0.0.1:{server_port}"
+    log = Path(tempfile.mkdtemp(prefix="piformer-serve-")) / "pi-serve.log"
+    cmd = [sys.executable, "-c", "import sys; from piformer.cli import main; sys.exit(main(sys.argv[1:]))",
+           "pi-serve", str(args.run_dir), "--which", args.which, "--listen", server_addr, "--client", client_addr]
+    with open(log, "w") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            t0 = time.perf_counter()
+            report = query(ids, server_addr, client_addr, settings, vocab_chunk=args.vocab_chunk,
+                           layers=args.layers, reference=reference)
+            rc = server.wait(timeout=120)
+            extra.update({"server_pid": server.pid, "server_log": str(log),
+                          "end_to_end_s": round(time.perf_counter() - t0, 2)})
+        except BaseException:
+            server.kill()
+            server.wait()
+            sys.stderr.write(f"pi-serve output ({log}):\n{log.read_text()[-4000:]}\n")
+            raise
+    if rc != 0:
+        raise ValueError(f"pi-serve exited with status {rc}; its output is in {log}")
+    print_report(report, args.json, args.ops, extra)
+    return 0

@@ -1,0 +1,471 @@
+"""Two-party secure inference of a PiGPT checkpoint under SecretFlow SPU, measured.
+
+Parties: the client (rank 0) owns its token ids; the server (rank 1) owns the weights. Each
+is a *private input* of its owner (SPU's colocated private values): nothing is sent to share
+them. The forward pass (`piformer.pi.jax_forward` program: one-hot embedding over vocabulary
+chunks, every block, final LayerNorm, tied vocabulary projection) runs step by step under SPU;
+the server then sends its shares of the logits to the client, who alone reconstructs them.
+
+Counting: every step is its own SPU executable; SPU's profiler logs the bytes and messages its
+link carried during each run, and we sum those per operator class. Nothing is estimated by a
+formula. A warm-up program runs first on the same runtimes so that one-time setup (OT base
+OTs, HE keys) is reported apart instead of being charged to whichever operator ran first.
+
+Two modes share this code: both parties as threads of one process over SPU's in-memory link
+(`run_secure`, for tests and benchmarks), and two OS processes over brpc/TCP (`serve` and
+`query`, behind `piformer pi-serve` / `pi-query`, or `pi-run --two-process`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from piformer.config import ModelConfig
+from piformer.pi import jax_forward as jf
+from piformer.pi.spu_backend import (
+    RunCounters, SPULog, SPUSettings, brpc_link, compile_step, local_share, mem_link_desc, rename,
+    require_spu, share_from_bytes, share_to_bytes,
+)
+
+CLIENT, SERVER = 0, 1
+
+# Network models for the latency projection: (bits per second, round-trip time in seconds).
+NETWORKS = {
+    "LAN": (3e9, 0.8e-3),  # 3 Gbit/s, 0.8 ms: a common LAN setting in PI papers
+    "WAN": (100e6, 80e-3),  # the paper's WAN: 100 Mbit/s, 80 ms
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+
+
+@dataclass
+class ClassCost:
+    bytes: int = 0
+    messages: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class SecureReport:
+    """What one secure forward pass cost and how close it came to plaintext."""
+
+    settings: dict[str, Any]
+    mode: str  # "threads" or "processes"
+    seq_len: int
+    config: dict[str, Any]
+    layers_run: int
+    steps: list[dict[str, Any]] = field(default_factory=list)  # per step: name, class, bytes, messages, seconds
+    per_class: dict[str, ClassCost] = field(default_factory=dict)
+    setup: dict[str, Any] = field(default_factory=dict)  # warm-up run (one-time costs)
+    reveal_bytes: int = 0  # server -> client shares of the logits
+    wall_s: float = 0.0  # forward pass, both parties, after warm-up
+    compile_s: float = 0.0
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    logits: np.ndarray | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.bytes for c in self.per_class.values())
+
+    @property
+    def total_messages(self) -> int:
+        return sum(c.messages for c in self.per_class.values())
+
+    def latency(self, network: str | tuple[float, float]) -> dict[str, float]:
+        """compute + bytes / bandwidth + messages x RTT / 2 (see `latency_model`)."""
+        bw, rtt = NETWORKS[network] if isinstance(network, str) else network
+        return latency_model(self.wall_s, self.total_bytes + self.reveal_bytes, self.total_messages, bw, rtt)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "logits"}
+        d["per_class"] = {k: asdict(v) for k, v in self.per_class.items()}
+        d["total_bytes"] = self.total_bytes
+        d["total_messages"] = self.total_messages
+        d["latency"] = {name: self.latency(name) for name in NETWORKS}
+        return d
+
+
+def latency_model(compute_s: float, nbytes: int, messages: int, bandwidth_bps: float, rtt_s: float) -> dict[str, float]:
+    """Projected latency = compute + transfer + waiting.
+
+    * compute: the measured wall time of the secure run (both parties on this machine, link in
+      memory or on loopback, so it holds almost no network time);
+    * transfer: bytes (both directions) x 8 / bandwidth, i.e. the two directions do not overlap;
+    * waiting: messages x RTT / 2. SPU 0.9.5 reports messages, not rounds; charging every
+      message a one-way delay assumes none overlaps another, so this term is an upper bound.
+    """
+    transfer = nbytes * 8.0 / bandwidth_bps
+    waiting = messages * rtt_s / 2.0
+    return {"compute_s": compute_s, "transfer_s": transfer, "waiting_s": waiting,
+            "total_s": compute_s + transfer + waiting, "bandwidth_bps": bandwidth_bps, "rtt_s": rtt_s}
+
+
+# ----------------------------------------------------------------------------------------
+# Compilation of a program
+
+
+def _example(shape, name: str):
+    return np.zeros(shape, dtype=np.int32 if name.startswith("onehot.") else np.float32)
+
+
+def compile_program(program: jf.Program, settings: SPUSettings) -> dict[str, Any]:
+    """One SPU executable per step; steps with the same function and shapes share the code."""
+    import jax
+
+    copts = settings.compiler_options()
+    shapes: dict[str, tuple[int, ...]] = {**program.client_inputs, **program.server_inputs}
+    cache: dict[tuple, Any] = {}
+    exes: dict[str, Any] = {}
+    for s in program.steps:
+        args = [_example(shapes[n], n) for n in s.inputs]
+        sig = (s.key, tuple((a.shape, a.dtype.str) for a in args))
+        if sig not in cache:
+            cache[sig] = compile_step(s.fn, args, list(s.inputs), list(s.outputs), s.name, copts)
+        exes[s.name] = rename(cache[sig], s.name, s.inputs, s.outputs)
+        # shapes of this step's outputs, for the steps that read them
+        outs = jax.eval_shape(s.fn, *args)
+        for n, o in zip(s.outputs, outs):
+            shapes[n] = tuple(o.shape)
+    return exes
+
+
+def _warmup_program():
+    """A tiny program touching every primitive the forward pass uses (HE matmuls, products,
+    comparisons, exp, reciprocal, rsqrt, tanh), to pay SPU's lazy one-time setup up front."""
+    import jax
+    import jax.numpy as jnp
+
+    def warm(oh, w):
+        x = oh @ w  # private x private
+        y = x @ w.T  # secret x private
+        s = jnp.einsum("td,sd->ts", y, x)  # secret x secret
+        p = jf.masked_softmax(s[None] * y[:, :1].T[None], 16.0)[0]
+        n = jax.lax.rsqrt(jnp.mean(p * p, -1, keepdims=True) + 1e-5)
+        return (jnp.tanh(p * n) + jnp.maximum(p, 0.0) + jf.gelu_tanh(p * x[:, :1]),)
+
+    return warm, {"warm.oh": ((4, 8), np.int32, CLIENT), "warm.w": ((8, 8), np.float32, SERVER)}
+
+
+# ----------------------------------------------------------------------------------------
+# One party's execution
+
+
+@dataclass
+class _PartyResult:
+    outputs: dict[str, Any] = field(default_factory=dict)  # name -> this party's share
+    wall_s: float = 0.0
+    warm_s: float = 0.0
+    error: BaseException | None = None
+
+
+def _run_party(rank: int, lctx, settings: SPUSettings, program: jf.Program, exes: dict[str, Any],
+               warm: tuple[Any, dict], inputs: dict[str, np.ndarray], profile: bool) -> _PartyResult:
+    """Run the whole program as party `rank`. `inputs` holds only this party's own data."""
+    spu = require_spu()
+    res = _PartyResult()
+    cfg = settings.runtime_config(profile=profile)
+    io = spu.Io(2, cfg)
+    rt = spu.Runtime(lctx, cfg)
+
+    # warm-up: pays one-time setup (base OTs, HE keys) so operators are measured steady-state
+    warm_exe, warm_inputs = warm
+    t0 = time.perf_counter()
+    for name, (shape, dtype, owner) in warm_inputs.items():
+        value = (np.eye(*shape, dtype=dtype) if owner == CLIENT else np.full(shape, 0.1, dtype)) if rank == owner else None
+        rt.set_var(name, local_share(io, value, rank, owner, shape, dtype))
+    rt.run(warm_exe)
+    for name in list(warm_inputs) + list(warm_exe.output_names):
+        rt.del_var(name)
+    res.warm_s = time.perf_counter() - t0
+
+    owners = {**{n: CLIENT for n in program.client_inputs}, **{n: SERVER for n in program.server_inputs}}
+    shapes = {**program.client_inputs, **program.server_inputs}
+    last = program.last_use()
+    keep = set(program.logit_outputs)
+    entered: set[str] = set()
+    t0 = time.perf_counter()
+    for i, s in enumerate(program.steps):
+        for n in s.inputs:  # private inputs enter right before first use, to bound memory
+            if n in owners and n not in entered:
+                dtype = np.int32 if n.startswith("onehot.") else np.float32
+                rt.set_var(n, local_share(io, inputs.get(n), rank, owners[n], shapes[n], dtype))
+                entered.add(n)
+        rt.run(exes[s.name])
+        for n in s.inputs:
+            if last.get(n) == i and n not in keep:
+                rt.del_var(n)
+    res.wall_s = time.perf_counter() - t0
+    res.outputs = {n: rt.get_var(n) for n in program.logit_outputs}
+    return res
+
+
+def _aggregate(report: SecureReport, program: jf.Program, runs: list[RunCounters]) -> None:
+    by_name = {r.name: r for r in runs}
+    warm = by_name.get("warmup")
+    if warm is not None:
+        report.setup = {"bytes": warm.bytes, "messages": warm.messages, "seconds": warm.exec_s}
+    missing = [s.name for s in program.steps if s.name not in by_name]
+    if missing:
+        raise RuntimeError(f"SPU's log has no counters for steps {missing[:5]}... (log: {SPULog.path()})")
+    for s in program.steps:
+        r = by_name[s.name]
+        report.steps.append({"name": s.name, "class": s.op_class, "bytes": r.bytes, "messages": r.messages,
+                             "seconds": r.exec_s, "ops": r.ops})
+        c = report.per_class.setdefault(s.op_class, ClassCost())
+        c.bytes += r.bytes
+        c.messages += r.messages
+        c.seconds += r.exec_s
+        c.steps += 1
+
+
+def _accuracy(secure: np.ndarray, plain: np.ndarray, settings: SPUSettings) -> dict[str, Any]:
+    err = np.abs(secure - plain)
+    return {
+        "max_abs_logit_error": float(err.max()),
+        "mean_abs_logit_error": float(err.mean()),
+        "max_abs_logit": float(np.abs(plain).max()),
+        "argmax_agreement": float((secure.argmax(-1) == plain.argmax(-1)).mean()),
+        "next_token_match": bool(secure[-1].argmax() == plain[-1].argmax()),
+        "fixed_point": f"{settings.field}, {settings.fxp_fraction_bits} fraction bits",
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# One process, two threads
+
+
+def run_secure(
+    sd: dict[str, np.ndarray],
+    cfg: ModelConfig,
+    ids: np.ndarray,
+    settings: SPUSettings | None = None,
+    vocab_chunk: int = 4096,
+    layers: int | None = None,
+    check: bool = True,
+) -> SecureReport:
+    """Secure forward of token ids `ids` (T,) with both parties as threads of this process.
+
+    `sd` is the folded numpy state dict (`jax_forward.state_dict_to_numpy`). `layers` runs only
+    the first blocks (the benchmark measures one and extrapolates). `check` also runs the
+    plaintext program and reports the agreement.
+    """
+    require_spu()
+    settings = settings or SPUSettings()
+    ids = np.asarray(ids).reshape(-1)
+    program = jf.build_program(cfg, len(ids), vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, layers=layers)
+    params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
+    client_in = jf.one_hot_chunks(ids, program.vocab_chunks)
+    server_in = {n: params[n] for n in program.server_inputs}
+
+    t0 = time.perf_counter()
+    exes = compile_program(program, settings)
+    warm_fn, warm_inputs = _warmup_program()
+    warm_exe = compile_step(warm_fn, [np.zeros(s, d) for s, d, _ in warm_inputs.values()], list(warm_inputs),
+                            ["warm.out"], "warmup", settings.compiler_options())
+    compile_s = time.perf_counter() - t0
+
+    desc = mem_link_desc()
+    results: list[_PartyResult | None] = [None, None]
+    offset = SPULog.offset()
+
+    def party(rank: int) -> None:
+        import spu.libspu as libspu
+
+        try:
+            lctx = libspu.link.create_mem(desc, rank)
+            own = client_in if rank == CLIENT else server_in
+            # only the client profiles: one party's log sees both directions of the link
+            results[rank] = _run_party(rank, lctx, settings, program, exes, (warm_exe, warm_inputs), own, rank == CLIENT)
+        except BaseException as err:  # surfaced below
+            results[rank] = _PartyResult(error=err)
+
+    threads = [threading.Thread(target=party, args=(r,), name=f"spu-party-{r}") for r in (CLIENT, SERVER)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        if r is None or r.error is not None:
+            raise RuntimeError(f"secure run failed: {r.error if r else 'no result'}") from (r.error if r else None)
+
+    report = SecureReport(settings=settings.to_dict(), mode="threads", seq_len=len(ids), config=cfg.to_dict(),
+                          layers_run=program.settings["layers"], compile_s=compile_s,
+                          wall_s=max(r.wall_s for r in results))
+    _aggregate(report, program, SPULog.read_from(offset))
+    # the server's output shares are what would cross the network to reveal the logits
+    report.reveal_bytes = sum(len(share_to_bytes(results[SERVER].outputs[n])) for n in program.logit_outputs)
+    logits = _reconstruct(settings, program, results[CLIENT].outputs, results[SERVER].outputs)
+    report.logits = logits
+    if check:
+        env = jf.run_program(program, {**params, **client_in})
+        plain = np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)
+        report.accuracy = _accuracy(logits, plain, settings)
+    return report
+
+
+def _reconstruct(settings: SPUSettings, program: jf.Program, mine: dict, theirs: dict) -> np.ndarray:
+    spu = require_spu()
+    io = spu.Io(2, settings.runtime_config(profile=False))
+    parts = [io.reconstruct([mine[n], theirs[n]]) for n in program.logit_outputs]
+    return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Two processes over brpc: server (weights) and client (tokens)
+
+
+def _send_json(lctx, dst: int, obj: dict) -> None:
+    lctx.send(dst, json.dumps(obj))
+
+
+def _recv_json(lctx, src: int) -> dict:
+    return json.loads(bytes(lctx.recv(src)).decode())
+
+
+def serve(run_dir: str, listen: str, client: str, which: str = "best", log: Callable[[str], None] = print,
+          max_queries: int = 1) -> None:
+    """The server: load the checkpoint, wait for a client, run its queries securely.
+
+    The client learns the architecture (config.json: public in this threat model) and the
+    logits of its own tokens; the weights never leave this process.
+    """
+    require_spu()
+    from piformer.checkpoint import load_model
+
+    model = load_model(run_dir, which=which)
+    cfg = model.config
+    sd = jf.state_dict_to_numpy(model)
+    for _ in range(max_queries):  # one link per client session
+        log(f"pi-serve: waiting for a client at {client} (listening on {listen})")
+        lctx = brpc_link(SERVER, [client, listen])
+        try:
+            _serve_one(lctx, cfg, sd, log)
+        finally:
+            lctx.stop_link()
+
+
+def _serve_one(lctx, cfg: ModelConfig, sd: dict[str, np.ndarray], log: Callable[[str], None]) -> None:
+    _send_json(lctx, CLIENT, {"config": cfg.to_dict()})
+    req = _recv_json(lctx, CLIENT)
+    if req.get("op") == "close":  # the client gave up (e.g. its tokens did not fit the model)
+        return
+    settings = SPUSettings(**req["settings"])
+    T = int(req["seq_len"])
+    program = jf.build_program(cfg, T, vocab_chunk=req["vocab_chunk"], exp_clip=settings.exp_clip,
+                               layers=req.get("layers"))
+    params = jf.chunk_params(jf.prepare_params(sd, cfg, T), program.vocab_chunks)
+    exes = compile_program(program, settings)
+    warm = _warm_exe(settings)
+    log(f"pi-serve: query of {T} tokens, protocol {settings.protocol}")
+    res = _run_party(SERVER, lctx, settings, program, exes, warm,
+                     {n: params[n] for n in program.server_inputs}, profile=False)
+    for n in program.logit_outputs:  # reveal to the client only
+        lctx.send(CLIENT, share_to_bytes(res.outputs[n]))
+    _recv_json(lctx, CLIENT)  # the client's close: it has everything, the link may go
+    log(f"pi-serve: done in {res.wall_s:.1f}s")
+
+
+def _warm_exe(settings: SPUSettings):
+    warm_fn, warm_inputs = _warmup_program()
+    exe = compile_step(warm_fn, [np.zeros(s, d) for s, d, _ in warm_inputs.values()], list(warm_inputs),
+                       ["warm.out"], "warmup", settings.compiler_options())
+    return exe, warm_inputs
+
+
+def query(ids, server: str, listen: str, settings: SPUSettings | None = None, vocab_chunk: int = 4096,
+          layers: int | None = None, reference: np.ndarray | None = None) -> SecureReport:
+    """The client: connect to a server, tell it only how many tokens, get the logits of its tokens.
+
+    `ids` is an array of token ids, or a function of the server's (public) ModelConfig that
+    returns one. `reference` (plaintext logits, if the caller has them) adds the agreement check.
+    """
+    require_spu()
+    settings = settings or SPUSettings()
+    lctx = brpc_link(CLIENT, [listen, server])
+    try:
+        cfg = ModelConfig.from_dict(_recv_json(lctx, SERVER)["config"])
+        ids = np.asarray(ids(cfg) if callable(ids) else ids).reshape(-1)
+        T = len(ids)
+        if not 1 <= T <= cfg.block_size:
+            _send_json(lctx, SERVER, {"op": "close"})
+            raise ValueError(f"{T} tokens: the server's model takes 1..{cfg.block_size}")
+        if int(ids.max()) >= cfg.vocab_size or int(ids.min()) < 0:
+            _send_json(lctx, SERVER, {"op": "close"})
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+        return _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference)
+    finally:
+        lctx.stop_link()
+
+
+def _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference) -> SecureReport:
+    T = len(ids)
+    _send_json(lctx, SERVER, {"seq_len": T, "settings": settings.to_dict(), "vocab_chunk": vocab_chunk, "layers": layers})
+    t0 = time.perf_counter()
+    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, layers=layers)
+    exes = compile_program(program, settings)
+    warm = _warm_exe(settings)
+    compile_s = time.perf_counter() - t0
+    offset = SPULog.offset()
+    res = _run_party(CLIENT, lctx, settings, program, exes, warm, jf.one_hot_chunks(ids, program.vocab_chunks), True)
+    theirs, reveal = {}, 0
+    for n in program.logit_outputs:
+        data = bytes(lctx.recv(SERVER))
+        reveal += len(data)
+        theirs[n] = share_from_bytes(data)
+    _send_json(lctx, SERVER, {"op": "close"})
+    report = SecureReport(settings=settings.to_dict(), mode="processes", seq_len=T, config=cfg.to_dict(),
+                          layers_run=program.settings["layers"], compile_s=compile_s, wall_s=res.wall_s,
+                          reveal_bytes=reveal)
+    _aggregate(report, program, SPULog.read_from(offset))
+    report.logits = _reconstruct(settings, program, res.outputs, theirs)
+    if reference is not None:
+        report.accuracy = _accuracy(report.logits, reference, settings)
+    return report
+
+
+# ----------------------------------------------------------------------------------------
+# Formatting
+
+
+def format_report(report: SecureReport) -> str:
+    s = report.settings
+    lines = [
+        f"secure inference ({report.mode}): protocol {s['protocol']}, {s['field']} with "
+        f"{s['fxp_fraction_bits']} fraction bits, T={report.seq_len}, {report.layers_run} of "
+        f"{report.config['n_layer']} blocks",
+        f"SPU settings: denominator_broadcast={s['denominator_broadcast']} ot_kind={s['ot_kind']} "
+        f"mul_lsb_error={s['mul_lsb_error']} exp_clip={s['exp_clip']}",
+        "",
+        f"{'operator class':<12} {'MB (both ways)':>15} {'messages':>10} {'seconds':>9} {'steps':>6}",
+    ]
+    for name in jf.OP_CLASSES:
+        c = report.per_class.get(name)
+        if c is None:
+            continue
+        lines.append(f"{name:<12} {c.bytes / 1e6:>15.3f} {c.messages:>10d} {c.seconds:>9.2f} {c.steps:>6d}")
+    lines.append(f"{'total':<12} {report.total_bytes / 1e6:>15.3f} {report.total_messages:>10d} {report.wall_s:>9.2f}")
+    lines.append(f"(plus one-time setup {report.setup.get('bytes', 0) / 1e6:.1f} MB, "
+                 f"{report.setup.get('messages', 0)} messages; output reveal {report.reveal_bytes / 1e6:.3f} MB "
+                 "server -> client)")
+    lines.append("messages = link send actions both ways as SPU counts them; they bound rounds from above")
+    if report.accuracy:
+        a = report.accuracy
+        lines += ["", f"agreement with plaintext ({a['fixed_point']}): max |logit error| {a['max_abs_logit_error']:.4g} "
+                  f"(max |logit| {a['max_abs_logit']:.3g}), argmax agreement {a['argmax_agreement']:.1%}, "
+                  f"next token {'matches' if a['next_token_match'] else 'DIFFERS'}"]
+    lines += ["", "latency = compute + bytes x 8 / bandwidth + messages x RTT / 2 (upper bound; see docs)"]
+    for name, (bw, rtt) in NETWORKS.items():
+        lat = report.latency(name)
+        lines.append(f"  {name} ({bw / 1e6:g} Mbit/s, {rtt * 1e3:g} ms): {lat['compute_s']:.2f} + {lat['transfer_s']:.2f} "
+                     f"+ {lat['waiting_s']:.2f} = {lat['total_s']:.2f} s")
+    lines.append(f"wall time {report.wall_s:.2f} s after {report.compile_s:.1f} s compiling")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""Secure two-party inference under SPU: agreement with plaintext, per-class counts, two processes.
+
+Tiny shapes only (2 layers, d=32, T=8): each secure run takes a few seconds on 2 cores.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("spu", reason="secure inference needs the `pi` extra")
+torch = pytest.importorskip("torch")
+
+from piformer.checkpoint import save_checkpoint  # noqa: E402
+from piformer.config import ModelConfig  # noqa: E402
+from piformer.model import PiGPT  # noqa: E402
+from piformer.pi.jax_forward import state_dict_to_numpy  # noqa: E402
+from piformer.pi.secure import SecureReport, latency_model, run_secure  # noqa: E402
+from piformer.pi.spu_backend import SPUSettings, local_share, parse_log, require_spu  # noqa: E402
+
+pytestmark = pytest.mark.spu
+
+T = 8
+
+
+def _model(preset: str, seed: int = 0) -> PiGPT:
+    torch.manual_seed(seed)
+    m = PiGPT(ModelConfig.from_preset(preset, size="tiny")).eval()
+    with torch.no_grad():  # weights of std 0.1: attention far from uniform, logits of order 1
+        for name, p in m.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+            elif "temperature" in name:
+                p.copy_(0.5 + torch.rand_like(p))
+            elif "ffn_beta" in name:
+                p.fill_(0.8)
+    return m
+
+
+_IDS = np.array([3, 14, 15, 92, 65, 35, 89, 79])
+
+
+@pytest.fixture(scope="module")
+def baseline_report() -> SecureReport:
+    m = _model("SM+LN+G")
+    return run_secure(state_dict_to_numpy(m), m.config, _IDS[:T], SPUSettings(), vocab_chunk=64)
+
+
+def test_secure_agrees_with_plaintext(baseline_report):
+    r = baseline_report
+    a = r.accuracy
+    # FM64 with 18 fraction bits; GELU's tanh and the softmax's exp/reciprocal are approximations.
+    assert a["argmax_agreement"] == 1.0, a
+    assert a["next_token_match"]
+    assert a["max_abs_logit_error"] < 0.05, a
+    assert r.logits.shape == (T, 97)
+
+
+def test_every_operator_class_communicates(baseline_report):
+    r = baseline_report
+    assert set(r.per_class) == {"embedding", "layernorm", "matmul", "softmax", "activation", "head"}
+    for name, c in r.per_class.items():
+        assert c.bytes > 0 and c.messages > 0, name
+    assert r.total_bytes == sum(s["bytes"] for s in r.steps)
+    assert r.setup["bytes"] > 0  # one-time setup is counted apart
+    assert r.reveal_bytes > 0
+    # the two blocks cost the same: the warm-up really did absorb the one-time setup
+    per_step = {s["name"]: s["bytes"] for s in r.steps}
+    assert abs(per_step["h0.softmax"] - per_step["h1.softmax"]) < 0.01 * per_step["h0.softmax"]
+    wan = r.latency("WAN")
+    assert wan["total_s"] == pytest.approx(wan["compute_s"] + wan["transfer_s"] + wan["waiting_s"])
+    assert json.dumps(r.to_dict())  # serialisable for --json
+
+
+def test_softmax_only_communicates_less(baseline_report):
+    m = _model("EReg(SM(t)+ScFuFFN)")
+    r = run_secure(state_dict_to_numpy(m), m.config, _IDS[:T], SPUSettings(), vocab_chunk=64)
+    assert r.total_bytes < baseline_report.total_bytes
+    assert "activation" not in r.per_class
+    assert r.per_class["other"].bytes > 0  # temperature and beta scalings
+    assert r.accuracy["argmax_agreement"] == 1.0, r.accuracy
+
+
+def test_private_inputs_are_not_shared():
+    """The non-owner's share of a private input is a data-independent placeholder."""
+    spu = require_spu()
+    io = spu.Io(2, SPUSettings().runtime_config(profile=False))
+    w = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    real = io.make_shares(w, spu.libspu.Visibility.VIS_SECRET, 1)[0]
+    placeholder = local_share(io, None, 0, 1, w.shape, np.float32)
+    assert bytes(real.meta) == bytes(placeholder.meta)
+    assert [bytes(c) for c in real.share_chunks] == [bytes(c) for c in placeholder.share_chunks]
+
+
+def test_log_parser_and_latency_model():
+    text = (
+        "x [Profiling] SPU execution h0.softmax completed, input processing took 1e-06s, execution took 0.5s, "
+        "output processing took 1e-06s, total time 0.5s.\n"
+        "x - pphlo.exponential, executed 1 times, duration 0.2s, send bytes 10 recv bytes 20, send actions 1, recv actions 2\n"
+        "x Link details: total send bytes 100, recv bytes 200, send actions 3, recv actions 4\n"
+    )
+    (run,) = parse_log(text)
+    assert (run.name, run.bytes, run.messages, run.exec_s) == ("h0.softmax", 300, 7, 0.5)
+    assert run.ops["pphlo.exponential"]["bytes"] == 30
+    lat = latency_model(2.0, 100_000_000, 10, 100e6, 0.08)
+    assert lat["transfer_s"] == pytest.approx(8.0) and lat["waiting_s"] == pytest.approx(0.4)
+
+
+def test_settings_presets():
+    s = SPUSettings.preset("optimised")
+    assert s.denominator_broadcast and s.ot_kind == "EMP_Ferret" and s.mul_lsb_error
+    cfg = s.runtime_config()
+    assert cfg.cheetah_2pc_config.enable_mul_lsb_error
+    with pytest.raises(ValueError, match="unknown SPU settings"):
+        SPUSettings.preset("fast")
+
+
+def test_cli_threads_and_two_processes(tmp_path, capsys):
+    """`pi-run` on a checkpoint: one process, then two OS processes over loopback TCP."""
+    from piformer.cli import main
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", _model("SM+ScFuFFN"))
+    assert main(["pi-run", str(ckpt), "--seq-len", "6", "--vocab-chunk", "50", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["mode"] == "threads" and one["accuracy"]["argmax_agreement"] == 1.0
+
+    assert main(["pi-run", str(ckpt), "--seq-len", "6", "--vocab-chunk", "50", "--two-process", "--json"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["mode"] == "processes"
+    assert two["accuracy"]["argmax_agreement"] == 1.0
+    assert two["reveal_bytes"] > 0 and two["total_bytes"] > 0
+    # the same program over TCP moves about the same bytes as over the in-memory link
+    assert two["total_bytes"] == pytest.approx(one["total_bytes"], rel=0.05)
+    for name in ("embedding", "matmul", "softmax", "head"):
+        assert two["per_class"][name]["bytes"] > 0
+
+
+def test_cli_errors(tmp_path, capsys):
+    from piformer.cli import main
+
+    assert main(["pi-run", str(tmp_path / "nope"), "--seq-len", "4"]) == 2
+    ckpt = save_checkpoint(tmp_path / "ckpt", _model("SM"))
+    assert main(["pi-run", str(ckpt), "--seq-len", "999"]) == 2
+    assert "block_size" in capsys.readouterr().err
