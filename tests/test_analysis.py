@@ -450,3 +450,23 @@ def test_cli_after_two_real_training_runs(tmp_path, capsys):
     assert (figs / "entropy_dynamics.png").is_file()  # from the runs' own metrics.jsonl
     assert (figs / "temperatures.png").is_file()
     assert "thresholds" in text  # skipped: no run has the regulariser, and the output says why
+
+
+def test_cli_keep_going_skips_a_run_without_checkpoint(tmp_path, capsys):
+    from piformer.analysis import load_results
+
+    data = make_data(tmp_path)
+    a, _ = make_run(tmp_path, "a", "SM+LN+G", data)
+    dead = tmp_path / "sm"  # e.g. SM diverged before its first checkpoint: status only
+    (dead / "checkpoints").mkdir(parents=True)
+    (dead / "status.json").write_text(json.dumps({"status": "diverged", "step": 3, "diverged_at": 3}))
+    assert main(["entropy", str(a), str(dead), "--batches", "1"]) == 2  # default: stop
+    capsys.readouterr()
+    out = tmp_path / "o"
+    assert main(["entropy", str(a), str(dead), "--batches", "1", "--keep-going", "--out", str(out),
+                 "--formats", "png"]) == 1
+    cap = capsys.readouterr()
+    assert f"skipped {dead}" in cap.err and "== SM+LN+G" in cap.out
+    saved = json.loads((out / "entropy.json").read_text())
+    assert saved["errors"][0]["path"] == str(dead)
+    assert [r.name for r in load_results(out)] == ["SM+LN+G"]

@@ -142,10 +142,10 @@ def plot_head_entropy_heatmaps(
                             color="black" if v > 0.6 * vmax else "white")
     for ax in list(axes.flat)[len(results):]:
         ax.set_axis_off()
-    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9, pad=0.02)
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9, pad=0.08)
     cbar.set_label("attention entropy (nats)")
     for r in {r.seq_len: r for r in results}.values():
-        for y, label in ((r.e_max, f"log {r.seq_len}"), (r.causal_ceiling, f"uniform\ncausal\nT={r.seq_len}")):
+        for y, label in ((r.e_max, f"log {r.seq_len}"), (r.causal_ceiling, f"uniform causal\nT={r.seq_len}")):
             if y <= vmax:
                 cbar.ax.axhline(y, color="white", lw=1.2, ls="--" if y == r.e_max else ":")
                 cbar.ax.text(-0.08, y / vmax, label, transform=cbar.ax.transAxes, fontsize=6,

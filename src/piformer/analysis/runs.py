@@ -241,24 +241,34 @@ def analyse_paths(
     *,
     names: list[str] | None = None,
     text: str | Path | None = None,
+    errors: list[tuple[str, str]] | None = None,
     **options: Any,
 ) -> list[EntropyResult]:
     """Analyse several runs / checkpoints / HF model directories; labels are made unique.
 
     options: batches, batch_size, seq_len, which (piformer only), device, progress, and the
     diagnosis options of `analyse_entropy`.
+    errors: when a list is given, a path that cannot be analysed (no checkpoint, e.g. a run that
+    diverged before its first one; bad data) is skipped and ``(path, message)`` appended to it,
+    instead of stopping the whole comparison.
     """
     if names is not None and len(names) != len(paths):
         raise ValueError(f"{len(names)} names given for {len(paths)} runs")
     which = options.pop("which", "best")
     results = []
     for i, p in enumerate(paths):
-        if is_hf_model_dir(p):
-            r = analyse_hf(p, data_dir, text=text, **options)
-        else:
-            if text is not None:
-                raise ValueError("--text applies to HF model directories only; piformer runs read --data")
-            r = analyse_run(p, data_dir, which=which, **options)
+        try:
+            if is_hf_model_dir(p):
+                r = analyse_hf(p, data_dir, text=text, **options)
+            else:
+                if text is not None:
+                    raise ValueError("--text applies to HF model directories only; piformer runs read --data")
+                r = analyse_run(p, data_dir, which=which, **options)
+        except (ValueError, FileNotFoundError) as err:
+            if errors is None:
+                raise
+            errors.append((str(p), str(err)))
+            continue
         if names is not None:
             r.name = names[i]
         results.append(r)
@@ -292,6 +302,17 @@ def load_result(path: str | Path) -> EntropyResult:
     return EntropyResult.from_dict(_read_json(p, what="entropy analysis"))
 
 
+def load_results(path: str | Path) -> list[EntropyResult]:
+    """Results saved by `save_result` (one) or by ``piformer entropy --out`` (``{"runs": [...]}``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULT_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"no saved entropy analysis at {p}")
+    d = _read_json(p, what="entropy analysis")
+    return [EntropyResult.from_dict(x) for x in d["runs"]] if "runs" in d else [EntropyResult.from_dict(d)]
+
+
 def load_or_analyse(items: list, **options: Any) -> list[EntropyResult]:
     """Results for a mix of `EntropyResult`s and paths: a path's saved ``entropy.json`` when it
     has one, else a fresh analysis (`analyse_paths` options apply). Labels are made unique."""
@@ -300,7 +321,7 @@ def load_or_analyse(items: list, **options: Any) -> list[EntropyResult]:
         if isinstance(x, EntropyResult):
             out.append(x)
         elif (Path(x) / RESULT_FILE).is_file() or (Path(x).is_file() and Path(x).suffix == ".json"):
-            out.append(load_result(x))
+            out.extend(load_results(x))
         else:
             out.extend(analyse_paths([x], **options))
     _uniquify(out)

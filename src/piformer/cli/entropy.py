@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a layer is flagged when at least this share of its heads are")
     p.add_argument("--name", action="append", default=None, metavar="LABEL",
                    help="label for a run in tables and figures (repeat once per RUN_DIR, in order)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="skip runs that cannot be analysed (e.g. diverged before their first checkpoint), "
+                        "report them, and exit 1; default: stop at the first")
     p.add_argument("--device", default="cpu", help="torch device for the forward passes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -87,13 +90,18 @@ def run(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in ("png", "svg", "pdf")]
     if bad or not formats:
         raise ValueError(f"--formats: unknown format(s) {bad or formats}; valid: png, svg, pdf")
+    errors: list[tuple[str, str]] | None = [] if args.keep_going else None
     results = analyse_paths(
-        args.runs, args.data, names=args.name, text=args.text,
+        args.runs, args.data, names=args.name, text=args.text, errors=errors,
         batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len, which=args.checkpoint,
         device=args.device, progress=not args.quiet and not args.json,
         reference=args.reference, overload_frac=args.overload_frac, collapse_frac=args.collapse_frac,
         layer_share=args.layer_share,
     )
+    for path, msg in errors or []:
+        print(f"piformer entropy: skipped {path}: {msg}", file=sys.stderr)
+    if not results:
+        raise ValueError("no run could be analysed")
     figures = None
     if args.out:
         figures = make_all_figures(results, args.out, formats=formats)
@@ -104,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         "runs": [r.to_dict() for r in results],
         "figures": None if figures is None else {k: [str(p) for p in v] for k, v in figures.all_paths.items()},
         "figures_skipped": None if figures is None else figures.skipped,
+        "errors": [{"path": p, "error": m} for p, m in errors or []],
     }
     if args.out:
         out = Path(args.out)
@@ -112,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(payload, sys.stdout, indent=1)
         sys.stdout.write("\n")
-        return 0
+        return 1 if errors else 0
     print(text)
     if figures is not None:
         print()
@@ -122,4 +131,4 @@ def run(args: argparse.Namespace) -> int:
         for name, why in figures.skipped.items():
             print(f"  {name:14s} skipped: {why}")
         print(f"  {'data':14s} {Path(args.out) / 'entropy.json'}, {Path(args.out) / 'entropy.txt'}")
-    return 0
+    return 1 if errors else 0
