@@ -15,15 +15,14 @@ _PROBE = """
 window.__errors = [];
 window.addEventListener('error', e => window.__errors.push(String(e.message || e.type)), true);
 window.addEventListener('load', () => {
+  // After 'load' every image has been fetched and decoded, or has failed.
   const imgs = Array.from(document.images);
-  Promise.all(imgs.map(i => i.decode().then(() => null, () => i.alt || i.src.slice(0, 40)))).then(bad => {
-    const out = {images: imgs.length, broken: bad.filter(x => x !== null),
-                 widths: imgs.map(i => i.naturalWidth), errors: window.__errors,
-                 tables: document.querySelectorAll('table').length, title: document.title};
-    const pre = document.createElement('pre'); pre.id = '__probe';
-    pre.textContent = 'PRO' + 'BE' + JSON.stringify(out) + 'EBO' + 'RP';  // split so the source never matches
-    document.body.appendChild(pre);
-  });
+  const out = {images: imgs.length, broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+               widths: imgs.map(i => i.naturalWidth), errors: window.__errors,
+               tables: document.querySelectorAll('table').length, title: document.title};
+  const pre = document.createElement('pre'); pre.id = '__probe';
+  pre.textContent = 'PRO' + 'BE' + JSON.stringify(out) + 'EBO' + 'RP';  // split so the source never matches
+  document.body.appendChild(pre);
 });
 </script>
 """

@@ -17,7 +17,9 @@ from .checkpoint import atomic_write_text
 from .entropy import BAND_LABELS
 from .report_doc import Document, Figure, Heading, Para, Table
 
-PI_CLASSES = ("softmax", "layernorm", "activation", "matmul", "embedding", "head", "other")
+# Operator classes of piformer.pi.jax_forward.OP_CLASSES, in the order the report shows them
+# ("input": sharing the private inputs).
+PI_CLASSES = ("softmax", "layernorm", "activation", "matmul", "embedding", "head", "other", "input")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -132,16 +134,17 @@ def _entropy_section(doc: Document, runs: list[dict], figures: dict[str, str], r
             Para(f"Diagnosis criteria: {crit}"),
         )
     captions = {
+        "layer": "Mean, min and max head entropy per layer, each run a line.",
         "heatmap": "Head-entropy heatmaps (layers x heads), one shared colour scale (Figures 2, 4).",
         "bands": "Fraction of heads per entropy band, one bar group per run (Figure 2a).",
         "dynamics": "Mean attention entropy per layer during training (Figure 7).",
         "thresholds": "Learned threshold weights of the entropy regulariser, per layer and head (Figure 5).",
         "temperatures": "Learned softmax temperatures per layer: mean and spread over heads and positions.",
     }
-    for key, caption in captions.items():
+    for key in [*captions, *sorted(set(figures) - set(captions))]:
         path = figures.get(key)
         if path and (root / path).is_file():
-            doc.add(Figure(root / path, caption))
+            doc.add(Figure(root / path, captions.get(key, key.replace("_", " ").capitalize() + ".")))
 
 
 def _pi_section(doc: Document, runs: list[dict]) -> None:
@@ -175,36 +178,50 @@ def _pi_section(doc: Document, runs: list[dict]) -> None:
         doc.add(Para("No secure (SPU) run in this tier."))
         return
     first = measured[0]["pi_secure"]
+    st, acc = first.get("settings", {}), first.get("accuracy", {})
+    lan, wan = first["latency"]["LAN"], first["latency"]["WAN"]
     doc.add(
         Heading("Secure two-party inference, measured (SPU)", 3),
         Para(
-            f"Shape of the measured runs: {first.get('shape_note', '')}. Protocol {first.get('protocol', '?')}, "
-            f"field {first.get('field', '?')}, {first.get('fxp_fraction_bits', '?')} fraction bits. "
-            f"Latency model: {first.get('latency_model', '')}"
+            f"Each configuration's trained checkpoint run under SPU on a {first['seq_len']}-token prompt from "
+            f"the validation split: the server's weights and the client's token ids are the two parties' "
+            f"private inputs. Protocol {st.get('protocol', '?')}, {acc.get('fixed_point', '')}. Bytes and messages "
+            f"come from SPU's own per-operation profile. Latency = measured compute + bytes x 8 / bandwidth "
+            f"+ messages x RTT / 2, with LAN = {lan['bandwidth_bps'] / 1e9:g} Gbit/s, {lan['rtt_s'] * 1e3:g} ms and "
+            f"WAN = {wan['bandwidth_bps'] / 1e6:g} Mbit/s, {wan['rtt_s'] * 1e3:g} ms (the paper's)."
         ),
     )
     rows = []
     base = next((r["pi_secure"] for r in measured if r["preset"] == "SM+LN+G"), None)
     for r in measured:
         s = r["pi_secure"]
-        by = s.get("by_class", {})
+        by = s.get("per_class", {})
         rows.append(
             [f"`{r['preset']}`"]
             + [_fmt(by.get(k, {}).get("bytes", 0) / 2**20, ".2f") for k in PI_CLASSES]
             + [
                 _fmt(s["total_bytes"] / 2**20, ".2f"),
+                f"{s['total_messages']}",
                 "—" if not base else f"{base['total_bytes'] / s['total_bytes']:.2f}x",
-                _fmt(s.get("lan_s"), ".2f"), _fmt(s.get("wan_s"), ".2f"),
-                _fmt(s.get("max_abs_logit_error"), ".2e"), _fmt(s.get("argmax_agreement"), ".3f"),
+                _fmt(s["latency"]["LAN"]["total_s"], ".2f"), _fmt(s["latency"]["WAN"]["total_s"], ".2f"),
+                _fmt(s["accuracy"].get("max_abs_logit_error"), ".2e"),
+                _fmt(s["accuracy"].get("argmax_agreement"), ".3f"),
                 f"`{r['dir']}/pi_secure.json`",
             ]
         )
     doc.add(Table(
-        ["config", *[f"{k} MiB" for k in PI_CLASSES], "total MiB", "saving vs SM+LN+G", "LAN s", "WAN s",
-         "max |logit err|", "argmax agree", "source"],
+        ["config", *[f"{k} MiB" for k in PI_CLASSES], "total MiB", "messages", "comm saving vs SM+LN+G",
+         "LAN s", "WAN s", "max abs logit err", "argmax agree", "source"],
         rows,
-        caption="Communication per operator class (both directions), from SPU's own profile of the run.",
+        caption="Communication per operator class (both directions) and projected latency.",
     ))
+    wan_rows = [
+        [f"`{r['preset']}`"] + [_fmt(r["pi_secure"]["latency"]["WAN"][k], ".2f")
+                                for k in ("compute_s", "transfer_s", "waiting_s", "total_s")]
+        for r in measured
+    ]
+    doc.add(Table(["config", "compute s", "transfer s", "waiting s", "WAN total s"], wan_rows,
+                  caption="The WAN latency's terms."))
     doc.add(Para(
         f"Paper savings at GPT-2 small T=128: {paper.SAVINGS_T128['SM+LN+R']['comm']}x comm / "
         f"{paper.SAVINGS_T128['SM+LN+R']['latency']}x latency (ReLU), {paper.SAVINGS_T128['SM+ScFuFFN']['comm']}x / "

@@ -141,9 +141,9 @@ def reproduce(
     secure: bool = True,
 ) -> dict[str, Path]:
     """Run the study at `tier` into `out` and write the report. Reruns skip finished work."""
-    t = TIERS[tier] if isinstance(tier, str) else tier
     if isinstance(tier, str) and tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; valid tiers: {', '.join(TIERS)}")
+    t = TIERS[tier] if isinstance(tier, str) else tier
     if presets:
         from .config import ARCH_PRESETS
 
@@ -204,6 +204,14 @@ def reproduce(
         cfg = ModelConfig.from_preset(preset, size=t.size, **{**t.model, "vocab_size": vocab_size})
         progress.stage(f"train {tag} -> {run}")
         timed(f"train:{preset}", _train_stage, preset, t, cfg, data_dir, run)
+        if not _has_checkpoint(run):
+            # A run that diverged before its first checkpoint has nothing to evaluate or analyse;
+            # its status.json carries the outcome into the report.
+            progress.done += 2
+            progress.stage(f"{tag}: no checkpoint (diverged at step "
+                           f"{json.loads((run / 'status.json').read_text()).get('step')}); only analytic cost")
+            _cost_stage(run, preset, cfg)
+            continue
         progress.stage(f"evaluate {tag}")
         timed(f"eval:{preset}", _eval_stage, run, data_dir)
         progress.stage(f"entropy {tag}")
@@ -215,12 +223,16 @@ def reproduce(
     if secure:
         for preset in [p for p in t.secure_presets if p in t.presets]:
             run = root / manifest["runs"][preset]
+            if not _has_checkpoint(run):
+                progress.stage(f"secure inference {preset}: no checkpoint, skipped")
+                continue
             progress.stage(f"secure inference (SPU) {preset}, T={t.secure_seq_len}")
             timed(f"secure:{preset}", _secure_stage, run, data_dir, t.secure_seq_len)
 
     # 4. figures and report
     progress.stage("figures")
-    manifest["figures"] = timed("figures", _figures_stage, root, [root / manifest["runs"][p] for p in t.presets])
+    analysed = [root / manifest["runs"][p] for p in t.presets if (root / manifest["runs"][p] / "entropy.json").is_file()]
+    manifest["figures"] = timed("figures", _figures_stage, root, analysed)
     progress.stage("report")
     save_manifest()
     from .report import build
@@ -232,6 +244,16 @@ def reproduce(
 
 # ---------------------------------------------------------------------------------------
 # Stages. Each skips work whose output is already on disk.
+
+
+def _has_checkpoint(run: Path) -> bool:
+    from .checkpoint import resolve_checkpoint
+
+    try:
+        resolve_checkpoint(run)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _train_stage(preset: str, tier: Tier, cfg: ModelConfig, data_dir: Path, run: Path) -> None:
@@ -251,6 +273,8 @@ def _eval_stage(run: Path, data_dir: Path) -> None:
         return
     from .train import evaluate_run
 
+    # Scores the best checkpoint; a diverged run's best is its last good one, and the report
+    # shows it as diverged (the paper's NaN) with this number kept for reference.
     result = evaluate_run(run, data_dir)
     atomic_write_text(run / "eval.json", json.dumps(result, indent=1))
 
@@ -258,9 +282,9 @@ def _eval_stage(run: Path, data_dir: Path) -> None:
 def _entropy_stage(run: Path, data_dir: Path, batches: int) -> None:
     if (run / "entropy.json").is_file():
         return
-    from .analysis import analyze_run
+    from .analysis.runs import analyse_run
 
-    result = analyze_run(run, data_dir=data_dir, batches=batches)
+    result = analyse_run(run, data_dir=data_dir, batches=batches)
     atomic_write_text(run / "entropy.json", json.dumps(result.to_dict(), indent=1))
 
 
@@ -275,14 +299,21 @@ def _cost_stage(run: Path, preset: str, cfg: ModelConfig) -> None:
 def _secure_stage(run: Path, data_dir: Path, seq_len: int) -> None:
     if (run / "pi_secure.json").is_file():
         return
-    from .pi.secure import secure_run_for_report
+    import numpy as np
 
-    result = secure_run_for_report(run, data_dir, seq_len)
-    atomic_write_text(run / "pi_secure.json", json.dumps(result, indent=1))
+    from .checkpoint import load_model
+    from .data.shards import TokenData
+    from .pi.jax_forward import state_dict_to_numpy
+    from .pi.secure import run_secure
+
+    model = load_model(run)
+    ids = np.asarray(TokenData(data_dir).val[:seq_len], dtype=np.int64)  # the client's prompt
+    report = run_secure(state_dict_to_numpy(model), model.config, ids)
+    atomic_write_text(run / "pi_secure.json", json.dumps(report.to_dict(), indent=1, default=str))
 
 
 def _figures_stage(root: Path, runs: list[Path]) -> dict[str, str]:
-    from .analysis import make_all_figures
+    from .analysis.figures import make_all_figures
 
     paths = make_all_figures(runs, root / "figures")
     return {k: str(Path(v).resolve().relative_to(root.resolve())) for k, v in paths.items()}

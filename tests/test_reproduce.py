@@ -1,0 +1,117 @@
+"""A miniature tier end to end: data, training, evaluation, entropy, PI cost, secure inference,
+figures and the report; then the report's numbers against the runs' own files."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from browser import chromium, probe
+from piformer.reproduce import TIERS, Tier, reproduce, slug
+
+try:
+    import spu  # noqa: F401
+
+    HAVE_SPU = True
+except ImportError:
+    HAVE_SPU = False
+
+PRESETS = ("SM+LN+G", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)")
+MINI = Tier(
+    name="mini", note="test miniature", size="tiny",
+    train={"max_steps": 12, "batch_size": 8, "micro_batch_size": 8, "eval_interval": 6, "eval_batches": 2,
+           "log_interval": 3, "checkpoint_interval": 6},
+    data={"source": "builtin", "max_bytes": 300_000, "vocab_size": 400},
+    presets=PRESETS, secure_presets=("SM+LN+G", "SM+ScFuFFN"), secure_seq_len=8, entropy_batches=2, smoke=True,
+)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    paths = reproduce(MINI, root, secure=HAVE_SPU)
+    return root, paths
+
+
+def _row(md: str, preset: str, table_marker: str) -> str:
+    section = md[md.index(table_marker):]
+    return next(line for line in section.splitlines() if line.startswith(f"| `{preset}` |"))
+
+
+def test_report_has_every_table_and_figure(study):
+    root, paths = study
+    md = paths["md"].read_text()
+    for heading in ("## What was run", "## Perplexity", "## Attention entropy", "## Private-inference cost"):
+        assert heading in md
+    if HAVE_SPU:
+        assert "### Secure two-party inference, measured (SPU)" in md and "WAN total s" in md
+    figures = json.loads((root / "reproduce.json").read_text())["figures"]
+    assert set(figures) >= {"heatmap", "bands", "dynamics", "thresholds", "temperatures"}
+    for rel in figures.values():
+        assert (root / rel).stat().st_size > 5000
+        assert f"]({rel})" in md
+    html = paths["html"].read_text()
+    assert html.count("data:image/png;base64,") == len(figures)
+    assert "Smoke view" in md
+
+
+def test_report_numbers_match_the_runs_files(study):
+    root, paths = study
+    md = paths["md"].read_text()
+    for preset in PRESETS:
+        run = root / "runs" / slug(preset)
+        ev = json.loads((run / "eval.json").read_text())
+        assert f"| {ev['ppl']:.3f} |" in _row(md, preset, "## Perplexity")
+        ent = json.loads((run / "entropy.json").read_text())
+        row = _row(md, preset, "## Attention entropy")
+        for b in ent["bands_max"]:
+            assert f"{b * 100:.1f}%" in row
+        cost = json.loads((run / "pi_cost_gpt2.json").read_text())
+        assert cost["ffn_flops_paper"] in _row(md, preset, "## Private-inference cost")
+    # the paper's numbers sit beside ours
+    assert "| 2.69 |" in _row(md, "SM+LN+G", "## Perplexity")
+    assert "14.5B | 14.5B" in _row(md, "SM+LN+G", "## Private-inference cost")
+    assert "1.8B | 1.8B" in _row(md, "SM+ScFuFFN", "## Private-inference cost")
+
+
+@pytest.mark.skipif(not HAVE_SPU, reason="SecretFlow SPU not installed (pip install 'piformer[pi]')")
+def test_secure_rows_come_from_the_measured_runs(study):
+    root, paths = study
+    md = paths["md"].read_text()
+    totals = {}
+    for preset in ("SM+LN+G", "SM+ScFuFFN"):
+        s = json.loads((root / "runs" / slug(preset) / "pi_secure.json").read_text())
+        totals[preset] = s["total_bytes"]
+        row = _row(md, preset, "### Secure two-party inference")
+        assert f"| {s['total_bytes'] / 2**20:.2f} |" in row
+        assert s["accuracy"]["argmax_agreement"] >= 0.75
+    assert totals["SM+ScFuFFN"] < totals["SM+LN+G"]
+
+
+def test_rerun_skips_finished_work(study):
+    root, _ = study
+    ckpt = root / "runs" / slug("SM+LN+G") / "checkpoints" / "last" / "model.safetensors"
+    before = ckpt.stat().st_mtime_ns
+    reproduce(MINI, root, secure=HAVE_SPU)
+    assert ckpt.stat().st_mtime_ns == before
+    stages = json.loads((root / "reproduce.json").read_text())["stages"]
+    assert stages["train:SM+LN+G"] < 5  # nothing retrained
+
+
+@pytest.mark.skipif(chromium() is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_report_renders_in_a_real_browser(study):
+    _, paths = study
+    seen = probe(paths["html"])
+    assert seen["errors"] == [], seen["errors"]
+    assert seen["broken"] == [] and seen["images"] >= 5
+    assert min(seen["widths"]) > 200 and seen["tables"] >= 4
+
+
+def test_bad_tier_and_preset_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="valid tiers: quick, cpu, gpt2"):
+        reproduce("huge", tmp_path)
+    with pytest.raises(ValueError, match="valid presets"):
+        reproduce("quick", tmp_path, presets=["SM+XX"])
+    assert set(TIERS) == {"quick", "cpu", "gpt2"}
