@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 NAME = "pi-run"
 HELP = ("run a checkpoint under two-party secure inference (SPU): communication, messages and time "
@@ -62,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--two-process", action="store_true",
                    help="server and client as two OS processes over loopback TCP (brpc) instead of two threads")
     p.add_argument("--port", type=int, default=0, help="with --two-process: first of two ports (default: free ports)")
+    p.add_argument("--delay-ms", type=float, default=0.0,
+                   help="with --two-process: add this one-way delay to every byte (userspace relay)")
+    p.add_argument("--bandwidth-mbit", type=float, default=None,
+                   help="with --two-process: cap each direction at this rate (userspace relay)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--ops", action="store_true", help="with --json: include SPU's per-op counters of every step")
 
@@ -91,21 +90,13 @@ def print_report(report, as_json: bool, ops: bool = False, extra: dict | None = 
         print(format_report(report))
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def run(args: argparse.Namespace) -> int:
     _require_spu()
+    import numpy as np
+
     from piformer.checkpoint import load_model
     from piformer.pi import jax_forward as jf
-    from piformer.pi.secure import query, run_secure
+    from piformer.pi.secure import run_secure, run_two_process
     from piformer.pi.tokens import resolve_tokens
 
     settings = settings_from_args(args)
@@ -115,40 +106,25 @@ def run(args: argparse.Namespace) -> int:
                                  args.tokens, args.text, args.seed)
     sd = jf.state_dict_to_numpy(model)
     extra = {"checkpoint": str(args.run_dir), "tokens": source}
+    if (args.delay_ms or args.bandwidth_mbit) and not args.two_process:
+        raise ValueError("--delay-ms and --bandwidth-mbit need --two-process (they shape a real TCP link)")
     if not args.two_process:
         report = run_secure(sd, cfg, ids, settings, vocab_chunk=args.vocab_chunk, layers=args.layers)
         print_report(report, args.json, args.ops, extra)
         return 0
 
     # Two OS processes: a pi-serve child (weights) and this process as the client (tokens).
-    # This process also computes the plaintext reference, only to report the agreement.
+    # This process also runs the plaintext program, only to report the agreement.
     program = jf.build_program(cfg, len(ids), vocab_chunk=args.vocab_chunk, exp_clip=settings.exp_clip,
                                layers=args.layers)
     params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
     env = jf.run_program(program, {**params, **jf.one_hot_chunks(ids, program.vocab_chunks)})
-    import numpy as np
-
     reference = np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)
-    client_port, server_port = (args.port, args.port + 1) if args.port else _free_ports(2)
-    client_addr, server_addr = f"127.0.0.1:{client_port}", f"127.0.0.1:{server_port}"
-    log = Path(tempfile.mkdtemp(prefix="piformer-serve-")) / "pi-serve.log"
-    cmd = [sys.executable, "-c", "import sys; from piformer.cli import main; sys.exit(main(sys.argv[1:]))",
-           "pi-serve", str(args.run_dir), "--which", args.which, "--listen", server_addr, "--client", client_addr]
-    with open(log, "w") as out:
-        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            t0 = time.perf_counter()
-            report = query(ids, server_addr, client_addr, settings, vocab_chunk=args.vocab_chunk,
-                           layers=args.layers, reference=reference)
-            rc = server.wait(timeout=120)
-            extra.update({"server_pid": server.pid, "server_log": str(log),
-                          "end_to_end_s": round(time.perf_counter() - t0, 2)})
-        except BaseException:
-            server.kill()
-            server.wait()
-            sys.stderr.write(f"pi-serve output ({log}):\n{log.read_text()[-4000:]}\n")
-            raise
-    if rc != 0:
-        raise ValueError(f"pi-serve exited with status {rc}; its output is in {log}")
+    t0 = time.perf_counter()
+    report = run_two_process(args.run_dir, ids, settings, which=args.which, vocab_chunk=args.vocab_chunk,
+                             layers=args.layers, reference=reference, delay_s=args.delay_ms / 1e3,
+                             bandwidth_bps=args.bandwidth_mbit * 1e6 if args.bandwidth_mbit else None,
+                             ports=(args.port, args.port + 1) if args.port else None)
+    extra["end_to_end_s"] = round(time.perf_counter() - t0, 2)
     print_report(report, args.json, args.ops, extra)
     return 0

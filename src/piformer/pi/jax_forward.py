@@ -36,7 +36,7 @@ import numpy as np
 
 from piformer.config import ModelConfig
 
-OP_CLASSES = ("embedding", "layernorm", "matmul", "softmax", "activation", "other", "head")
+OP_CLASSES = ("embedding", "layernorm", "matmul", "softmax", "activation", "other", "head", "input")
 LN_EPS = 1e-5
 
 
@@ -220,11 +220,15 @@ def build_program(
     vocab_chunk: int = 4096,
     exp_clip: float | None = None,
     layers: int | None = None,
+    embed_head: bool = True,
 ) -> Program:
     """The forward pass of `cfg` on `seq_len` tokens as steps.
 
     `layers` limits the number of transformer blocks (the benchmark measures one and
-    extrapolates); by default all `cfg.n_layer` run.
+    extrapolates); by default all `cfg.n_layer` run. `embed_head=False` leaves out the
+    embedding, final LayerNorm and head: the client then supplies the first block's input
+    "x.in" (T, d) itself, which an "input" step turns into a secret value (no communication),
+    so a block is measured exactly as it runs inside the model.
     """
     T = int(seq_len or cfg.block_size)
     if not 0 < T <= cfg.block_size:
@@ -247,8 +251,12 @@ def build_program(
         return (w(f"{prefix}.w", (d,)),) + ((w(f"{prefix}.b", (d,)),) if bias else ())
 
     # -- embedding: sum over vocabulary chunks of onehot_c @ wte_c, plus positions ----------
-    client = {f"onehot.{c}": (T, b - a) for c, (a, b) in enumerate(chunks)}
-    w("wpe", (T, d))
+    client = {f"onehot.{c}": (T, b - a) for c, (a, b) in enumerate(chunks)} if embed_head else {"x.in": (T, d)}
+    if embed_head:
+        w("wpe", (T, d))
+    else:  # client's private x plus the server's private zeros: a secret-shared block input
+        steps.append(Step("input", "input", lambda xc, zs: (xc + zs,), ("x.in", w("x.zero", (T, d))), ("x.emb",), "input"))
+        chunks = []
     prev = None
     for c, (a, b) in enumerate(chunks):
         w(f"wte.{c}", (b - a, d))
@@ -330,6 +338,9 @@ def build_program(
         x = f"x.{l}"
 
     # -- final LayerNorm and the tied vocabulary projection, chunked --------------------------
+    if not embed_head:
+        return Program(steps, client, server, [x], T, [],
+                       settings={"vocab_chunk": vocab_chunk, "exp_clip": exp_clip, "layers": L, "embed_head": False})
     steps.append(Step("ln_f", "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
                       (x,) + ln_inputs("ln_f"), ("x.final",), f"ln:{bias}"))
     outputs = []
@@ -338,7 +349,7 @@ def build_program(
                           ("x.final", w(f"wte_t.{c}", (d, b - a))), (f"logits.{c}",), "head"))
         outputs.append(f"logits.{c}")
     return Program(steps, client, server, outputs, T, chunks,
-                   settings={"vocab_chunk": vocab_chunk, "exp_clip": exp_clip, "layers": L})
+                   settings={"vocab_chunk": vocab_chunk, "exp_clip": exp_clip, "layers": L, "embed_head": True})
 
 
 def run_program(program: Program, inputs: dict[str, np.ndarray], jit: bool = True) -> dict[str, np.ndarray]:

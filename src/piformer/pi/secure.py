@@ -70,6 +70,7 @@ class SecureReport:
     wall_s: float = 0.0  # forward pass, both parties, after warm-up
     compile_s: float = 0.0
     accuracy: dict[str, Any] = field(default_factory=dict)
+    network: dict[str, Any] = field(default_factory=dict)  # emulated link, two-process mode
     logits: np.ndarray | None = None
 
     @property
@@ -251,19 +252,28 @@ def run_secure(
     vocab_chunk: int = 4096,
     layers: int | None = None,
     check: bool = True,
+    embed_head: bool = True,
 ) -> SecureReport:
     """Secure forward of token ids `ids` (T,) with both parties as threads of this process.
 
     `sd` is the folded numpy state dict (`jax_forward.state_dict_to_numpy`). `layers` runs only
-    the first blocks (the benchmark measures one and extrapolates). `check` also runs the
-    plaintext program and reports the agreement.
+    the first blocks and `embed_head=False` leaves out embedding, final LayerNorm and head (the
+    benchmark measures parts and extrapolates; the blocks then start from the plaintext
+    embedding of `ids`, entered as the client's private input). `check` also runs the plaintext
+    program and reports the agreement.
     """
     require_spu()
     settings = settings or SPUSettings()
     ids = np.asarray(ids).reshape(-1)
-    program = jf.build_program(cfg, len(ids), vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, layers=layers)
-    params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
-    client_in = jf.one_hot_chunks(ids, program.vocab_chunks)
+    T = len(ids)
+    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, layers=layers,
+                               embed_head=embed_head)
+    params = jf.chunk_params(jf.prepare_params(sd, cfg, T), program.vocab_chunks)
+    if embed_head:
+        client_in = jf.one_hot_chunks(ids, program.vocab_chunks)
+    else:
+        client_in = {"x.in": (params["wte"][ids] + params["wpe"][:T]).astype(np.float32)}
+        params["x.zero"] = np.zeros((T, cfg.n_embd), np.float32)
     server_in = {n: params[n] for n in program.server_inputs}
 
     t0 = time.perf_counter()
@@ -432,6 +442,101 @@ def _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference) -> SecureRe
     return report
 
 
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run_two_process(
+    run_dir: str,
+    ids,
+    settings: SPUSettings | None = None,
+    which: str = "best",
+    vocab_chunk: int = 4096,
+    layers: int | None = None,
+    reference: np.ndarray | None = None,
+    delay_s: float = 0.0,
+    bandwidth_bps: float | None = None,
+    ports: tuple[int, int] | None = None,
+    log_dir: str | None = None,
+) -> SecureReport:
+    """Start `piformer pi-serve` as a child process and query it from this process over TCP.
+
+    With `delay_s` (one way) or `bandwidth_bps`, both connections pass through a userspace
+    relay (`piformer.pi.netsim`) that delays and paces them: a measured emulation of a WAN.
+    """
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from piformer.pi.netsim import DelayRelay
+
+    client_port, server_port = ports or _free_ports(2)
+    client_addr, server_addr = f"127.0.0.1:{client_port}", f"127.0.0.1:{server_port}"
+    relays: list[DelayRelay] = []
+    if delay_s or bandwidth_bps:
+        # the server reaches the client through one relay, the client the server through another
+        relays = [DelayRelay(0, ("127.0.0.1", client_port), delay_s, bandwidth_bps).start(),
+                  DelayRelay(0, ("127.0.0.1", server_port), delay_s, bandwidth_bps).start()]
+        client_seen_by_server, server_seen_by_client = f"127.0.0.1:{relays[0].port}", f"127.0.0.1:{relays[1].port}"
+    else:
+        client_seen_by_server, server_seen_by_client = client_addr, server_addr
+    log = Path(log_dir or tempfile.mkdtemp(prefix="piformer-serve-")) / "pi-serve.log"
+    cmd = [sys.executable, "-c", "import sys; from piformer.cli import main; sys.exit(main(sys.argv[1:]))",
+           "pi-serve", str(run_dir), "--which", which, "--listen", server_addr, "--client", client_seen_by_server]
+    with open(log, "w") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            report = query(ids, server_seen_by_client, client_addr, settings, vocab_chunk=vocab_chunk,
+                           layers=layers, reference=reference)
+            rc = server.wait(timeout=300)
+        except BaseException as err:
+            server.kill()
+            server.wait()
+            raise RuntimeError(f"two-process run failed ({err}); pi-serve said:\n{log.read_text()[-3000:]}") from err
+        finally:
+            for r in relays:
+                r.stop()
+    if rc != 0:
+        raise RuntimeError(f"pi-serve exited with status {rc}; its output is in {log}")
+    report.network = {"delay_s": delay_s, "bandwidth_bps": bandwidth_bps, "server_pid": server.pid,
+                      "server_log": str(log)}
+    return report
+
+
+def measure_rounds(run_dir: str, ids, settings: SPUSettings | None = None, delay_s: float = 0.02,
+                   vocab_chunk: int = 4096, layers: int | None = None, which: str = "best") -> dict[str, Any]:
+    """How many one-way delays the protocol waits for, measured: run the same query over TCP
+    without and with an added one-way delay; each step's extra time / delay is its count.
+
+    SPU reports messages, not rounds, and most of its messages overlap (OT extension and HE
+    traffic is pipelined), so this is the number a latency projection should multiply.
+    Run it on a small model: the count depends on depth (layers, sequence length), not on the
+    tensor sizes, and small tensors keep compute noise out of the difference.
+    """
+    base = run_two_process(run_dir, ids, settings, which=which, vocab_chunk=vocab_chunk, layers=layers)
+    slow = run_two_process(run_dir, ids, settings, which=which, vocab_chunk=vocab_chunk, layers=layers,
+                           delay_s=delay_s)
+    per_class: dict[str, float] = {}
+    for a, b in zip(base.steps, slow.steps):
+        extra = max(0.0, b["seconds"] - a["seconds"]) / delay_s
+        per_class[a["class"]] = per_class.get(a["class"], 0.0) + extra
+    return {
+        "delay_s": delay_s, "wall_s": base.wall_s, "wall_delayed_s": slow.wall_s,
+        "one_way_waits": (slow.wall_s - base.wall_s) / delay_s,
+        "per_class_one_way_waits": per_class,
+        "messages": base.total_messages,
+    }
+
+
 # ----------------------------------------------------------------------------------------
 # Formatting
 
@@ -467,5 +572,10 @@ def format_report(report: SecureReport) -> str:
         lat = report.latency(name)
         lines.append(f"  {name} ({bw / 1e6:g} Mbit/s, {rtt * 1e3:g} ms): {lat['compute_s']:.2f} + {lat['transfer_s']:.2f} "
                      f"+ {lat['waiting_s']:.2f} = {lat['total_s']:.2f} s")
+    if report.network.get("delay_s") or report.network.get("bandwidth_bps"):
+        n = report.network
+        bw = f"{n['bandwidth_bps'] / 1e6:g} Mbit/s" if n.get("bandwidth_bps") else "unlimited bandwidth"
+        lines.append(f"emulated link (userspace relay): {n['delay_s'] * 1e3:g} ms one-way delay, {bw}: "
+                     f"the wall time below includes it")
     lines.append(f"wall time {report.wall_s:.2f} s after {report.compile_s:.1f} s compiling")
     return "\n".join(lines)
