@@ -61,8 +61,41 @@ def measure(part: str, preset: str, settings_name: str, args) -> dict:
     return d
 
 
-def extrapolate(block: dict, shared: dict, n_layer: int = N_LAYER) -> dict:
-    """12 x block + shared parts, per class and in total; latency terms recomputed."""
+def measure_rounds(preset: str, settings_name: str, args) -> dict:
+    """One-way waits of the protocol, measured over TCP with an added delay (see
+    piformer.pi.secure.measure_rounds) on a *narrow* model of GPT-2's depth structure: same
+    T=128 (the softmax's max is a log2(T)-deep comparison tree) and the same 13 vocabulary
+    chunks, but d=64, H=2, V=13x64. Round counts follow the dependency depth, not the widths;
+    narrow tensors keep compute noise out of the time difference."""
+    import tempfile
+
+    import torch
+
+    from piformer.checkpoint import save_checkpoint
+    from piformer.config import ModelConfig
+    from piformer.model import PiGPT
+    from piformer.pi.secure import measure_rounds as measure
+    from piformer.pi.spu_backend import SPUSettings
+
+    chunks = -(-50304 // args.vocab_chunk)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset, size="gpt2-small", n_layer=2, n_head=2, n_embd=64,
+                                  block_size=args.seq_len, vocab_size=64 * chunks)
+    ckpt = save_checkpoint(Path(tempfile.mkdtemp(prefix="bench-rounds-")) / "ckpt", PiGPT(cfg))
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, args.seq_len)
+    r = measure(str(ckpt), ids, SPUSettings.preset(settings_name), delay_s=args.delay_ms / 1e3, vocab_chunk=64)
+    steps = r["per_step_one_way_waits"]
+    r["per_layer"] = sum(v for k, v in steps.items() if k.startswith("h")) / cfg.n_layer
+    r["shared"] = sum(v for k, v in steps.items() if not k.startswith("h"))
+    r["narrow_config"] = cfg.to_dict()
+    return r
+
+
+def extrapolate(block: dict, shared: dict, n_layer: int = N_LAYER, rounds: dict | None = None) -> dict:
+    """12 x block + shared parts, per class and in total; latency terms recomputed.
+
+    With measured `rounds`, the waiting term is one-way waits x RTT / 2; without, it falls back
+    to messages x RTT / 2 (an upper bound: SPU's messages overlap)."""
     from piformer.pi.secure import NETWORKS, latency_model
 
     per_class: dict[str, dict] = {}
@@ -74,8 +107,11 @@ def extrapolate(block: dict, shared: dict, n_layer: int = N_LAYER) -> dict:
     total_bytes = n_layer * block["total_bytes"] + shared["total_bytes"] + shared["reveal_bytes"]
     messages = n_layer * block["total_messages"] + shared["total_messages"]
     compute = n_layer * block["wall_s"] + shared["wall_s"]
-    lat = {name: latency_model(compute, total_bytes, messages, bw, rtt) for name, (bw, rtt) in NETWORKS.items()}
-    return {"per_class": per_class, "total_bytes": total_bytes, "messages": messages, "compute_s": compute, "latency": lat}
+    waits = n_layer * rounds["per_layer"] + rounds["shared"] if rounds else messages
+    # latency_model charges RTT / 2 per message; pass the measured one-way waits in its place
+    lat = {name: latency_model(compute, total_bytes, int(round(waits)), bw, rtt) for name, (bw, rtt) in NETWORKS.items()}
+    return {"per_class": per_class, "total_bytes": total_bytes, "messages": messages, "compute_s": compute,
+            "one_way_waits": waits, "waits_measured": bool(rounds), "latency": lat}
 
 
 def softmax_ops(block: dict) -> dict:
@@ -86,14 +122,15 @@ def softmax_ops(block: dict) -> dict:
     return {}
 
 
-def report(results: dict) -> str:
+def report(results: dict, rounds: dict | None = None) -> str:
+    rounds = rounds or {}
     lines = []
     settings_names = [s for s in ("default", "optimised") if f"{s}/shared" in results]
     ext: dict[tuple[str, str], dict] = {}
     for s in settings_names:
         for p in PRESETS:
             if f"{s}/{p}" in results:
-                ext[(s, p)] = extrapolate(results[f"{s}/{p}"], results[f"{s}/shared"])
+                ext[(s, p)] = extrapolate(results[f"{s}/{p}"], results[f"{s}/shared"], rounds=rounds.get(f"{s}/{p}"))
 
     lines.append("GPT-2 small (L=12, H=12, d=768, T=128), CHEETAH, FM64/18 bits, weights private to the server.")
     lines.append("Ours = 12 x one measured block + measured embedding, final LayerNorm, head and output reveal.\n")
@@ -134,13 +171,16 @@ def report(results: dict) -> str:
         lines.append(f"  {s + '/' + p:<22}" + "".join(
             f"{e['per_class'].get(c, {}).get('bytes', 0) / 1e9:>11.3f}" for c in classes))
 
-    lines.append("\nLatency, minutes = compute + bytes x 8 / bandwidth + messages x RTT / 2 (messages bound rounds):")
+    lines.append("\nLatency, minutes = compute + bytes x 8 / bandwidth + one-way waits x RTT / 2")
+    lines.append("  (waits measured with a delayed TCP link on a narrow model of the same depth, marked *;")
+    lines.append("   otherwise SPU's message count stands in for them, an upper bound)")
     for (s, p), e in ext.items():
         w = e["latency"]["WAN"]
         lan = e["latency"]["LAN"]
+        mark = "*" if e["waits_measured"] else " "
         lines.append(f"  {s + '/' + p:<22} WAN {w['total_s'] / 60:6.2f} = {w['compute_s'] / 60:.2f} + "
                      f"{w['transfer_s'] / 60:.2f} + {w['waiting_s'] / 60:.2f}  | LAN {lan['total_s'] / 60:5.2f}"
-                     f"  | messages {e['messages']:,d}  | paper {PAPER[p][1]:.2f}")
+                     f"  | waits {e['one_way_waits']:,.0f}{mark} messages {e['messages']:,d}  | paper {PAPER[p][1]:.2f}")
     lines.append("  (the paper's own 25.32 GB cannot cross 100 Mbit/s in 8.21 min: transfer alone is "
                  f"{25.32e9 * 8 / 100e6 / 60:.1f} min)")
 
@@ -174,11 +214,29 @@ def main() -> int:
     ap.add_argument("--out", default="out/bench_pi_gpt2.json", help="results file (resumed if present)")
     ap.add_argument("--report-only", action="store_true", help="print the table from the results file")
     ap.add_argument("--fresh", action="store_true", help="ignore saved results")
+    ap.add_argument("--rounds", action="store_true",
+                    help="measure one-way waits (two processes, delayed TCP link, narrow models) instead")
+    ap.add_argument("--delay-ms", type=float, default=40.0, help="one-way delay for --rounds (default 40 = WAN RTT/2)")
     args = ap.parse_args()
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() and not args.fresh else {}
-    if not args.report_only:
+    rounds_out = out.with_name(out.stem + "_rounds.json")
+    rounds = json.loads(rounds_out.read_text()) if rounds_out.is_file() and not args.fresh else {}
+    if args.rounds and not args.report_only:
+        rounds_out.parent.mkdir(parents=True, exist_ok=True)
+        for s in args.settings:
+            for p in args.presets:
+                key = f"{s}/{p}"
+                if key in rounds:
+                    print(f"[skip] rounds {key}", flush=True)
+                    continue
+                print(f"[run ] rounds {key} ...", flush=True)
+                rounds[key] = measure_rounds(p, s, args)
+                print(f"[done] rounds {key}: {rounds[key]['per_layer']:.0f} waits per layer, "
+                      f"{rounds[key]['shared']:.0f} shared", flush=True)
+                rounds_out.write_text(json.dumps(rounds, indent=1))
+    elif not args.report_only:
         out.parent.mkdir(parents=True, exist_ok=True)
         todo = [(s, p, "block") for s in args.settings for p in args.presets]
         if not args.skip_shared:
@@ -195,7 +253,7 @@ def main() -> int:
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=1))
             tmp.replace(out)
-    print(report(results))
+    print(report(results, rounds))
     return 0
 
 

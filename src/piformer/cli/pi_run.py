@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     reference = np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)
     t0 = time.perf_counter()
     report = run_two_process(args.run_dir, ids, settings, which=args.which, vocab_chunk=args.vocab_chunk,
-                             layers=args.layers, reference=reference, delay_s=args.delay_ms / 1e3,
+                             layers=args.layers, reference=reference, delay_s=args.delay_ms / 1e3 if args.delay_ms else None,
                              bandwidth_bps=args.bandwidth_mbit * 1e6 if args.bandwidth_mbit else None,
                              ports=(args.port, args.port + 1) if args.port else None)
     extra["end_to_end_s"] = round(time.perf_counter() - t0, 2)

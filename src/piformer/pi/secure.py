@@ -462,15 +462,16 @@ def run_two_process(
     vocab_chunk: int = 4096,
     layers: int | None = None,
     reference: np.ndarray | None = None,
-    delay_s: float = 0.0,
+    delay_s: float | None = None,
     bandwidth_bps: float | None = None,
     ports: tuple[int, int] | None = None,
     log_dir: str | None = None,
 ) -> SecureReport:
     """Start `piformer pi-serve` as a child process and query it from this process over TCP.
 
-    With `delay_s` (one way) or `bandwidth_bps`, both connections pass through a userspace
-    relay (`piformer.pi.netsim`) that delays and paces them: a measured emulation of a WAN.
+    With `delay_s` (one way; 0 still routes through the relay, as a baseline) or
+    `bandwidth_bps`, both connections pass through a userspace relay (`piformer.pi.netsim`)
+    that delays and paces them: a measured emulation of a WAN.
     """
     import subprocess
     import sys
@@ -482,10 +483,10 @@ def run_two_process(
     client_port, server_port = ports or _free_ports(2)
     client_addr, server_addr = f"127.0.0.1:{client_port}", f"127.0.0.1:{server_port}"
     relays: list[DelayRelay] = []
-    if delay_s or bandwidth_bps:
+    if delay_s is not None or bandwidth_bps:
         # the server reaches the client through one relay, the client the server through another
-        relays = [DelayRelay(0, ("127.0.0.1", client_port), delay_s, bandwidth_bps).start(),
-                  DelayRelay(0, ("127.0.0.1", server_port), delay_s, bandwidth_bps).start()]
+        relays = [DelayRelay(0, ("127.0.0.1", client_port), delay_s or 0.0, bandwidth_bps).start(),
+                  DelayRelay(0, ("127.0.0.1", server_port), delay_s or 0.0, bandwidth_bps).start()]
         client_seen_by_server, server_seen_by_client = f"127.0.0.1:{relays[0].port}", f"127.0.0.1:{relays[1].port}"
     else:
         client_seen_by_server, server_seen_by_client = client_addr, server_addr
@@ -514,25 +515,30 @@ def run_two_process(
 
 def measure_rounds(run_dir: str, ids, settings: SPUSettings | None = None, delay_s: float = 0.02,
                    vocab_chunk: int = 4096, layers: int | None = None, which: str = "best") -> dict[str, Any]:
-    """How many one-way delays the protocol waits for, measured: run the same query over TCP
-    without and with an added one-way delay; each step's extra time / delay is its count.
+    """How many one-way delays the protocol waits for, measured: run the same query over TCP,
+    through the relay, without and with an added one-way delay; each step's extra time / delay
+    is its count.
 
     SPU reports messages, not rounds, and most of its messages overlap (OT extension and HE
     traffic is pipelined), so this is the number a latency projection should multiply.
     Run it on a small model: the count depends on depth (layers, sequence length), not on the
     tensor sizes, and small tensors keep compute noise out of the difference.
     """
-    base = run_two_process(run_dir, ids, settings, which=which, vocab_chunk=vocab_chunk, layers=layers)
-    slow = run_two_process(run_dir, ids, settings, which=which, vocab_chunk=vocab_chunk, layers=layers,
-                           delay_s=delay_s)
+    def timed(delay: float) -> SecureReport:
+        return run_two_process(run_dir, ids, settings, which=which, vocab_chunk=vocab_chunk, layers=layers,
+                               delay_s=delay)
+
+    base, slow = timed(0.0), timed(delay_s)
     per_class: dict[str, float] = {}
+    per_step: dict[str, float] = {}
     for a, b in zip(base.steps, slow.steps):
         extra = max(0.0, b["seconds"] - a["seconds"]) / delay_s
+        per_step[a["name"]] = extra
         per_class[a["class"]] = per_class.get(a["class"], 0.0) + extra
     return {
         "delay_s": delay_s, "wall_s": base.wall_s, "wall_delayed_s": slow.wall_s,
         "one_way_waits": (slow.wall_s - base.wall_s) / delay_s,
-        "per_class_one_way_waits": per_class,
+        "per_class_one_way_waits": per_class, "per_step_one_way_waits": per_step,
         "messages": base.total_messages,
     }
 
