@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --two-process: add this one-way delay to every byte (userspace relay)")
     p.add_argument("--bandwidth-mbit", type=float, default=None,
                    help="with --two-process: cap each direction at this rate (userspace relay)")
+    p.add_argument("--measure-rounds", type=float, default=None, metavar="MS",
+                   help="also run twice over TCP (two processes), without and with MS ms of one-way delay, "
+                        "and project latency from the measured waits instead of the message count")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--ops", action="store_true", help="with --json: include SPU's per-op counters of every step")
 
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     from piformer.checkpoint import load_model
     from piformer.pi import jax_forward as jf
-    from piformer.pi.secure import run_secure, run_two_process
+    from piformer.pi.secure import measure_rounds, run_secure, run_two_process
     from piformer.pi.tokens import resolve_tokens
 
     settings = settings_from_args(args)
@@ -108,8 +111,14 @@ def run(args: argparse.Namespace) -> int:
     extra = {"checkpoint": str(args.run_dir), "tokens": source}
     if (args.delay_ms or args.bandwidth_mbit) and not args.two_process:
         raise ValueError("--delay-ms and --bandwidth-mbit need --two-process (they shape a real TCP link)")
+    rounds = None
+    if args.measure_rounds:
+        rounds = measure_rounds(args.run_dir, ids, settings, delay_s=args.measure_rounds / 1e3,
+                                vocab_chunk=args.vocab_chunk, layers=args.layers, which=args.which)
+        extra["rounds"] = {k: v for k, v in rounds.items() if k != "per_step_one_way_waits"}
     if not args.two_process:
         report = run_secure(sd, cfg, ids, settings, vocab_chunk=args.vocab_chunk, layers=args.layers)
+        report.one_way_waits = rounds["one_way_waits"] if rounds else None
         print_report(report, args.json, args.ops, extra)
         return 0
 
@@ -126,5 +135,6 @@ def run(args: argparse.Namespace) -> int:
                              bandwidth_bps=args.bandwidth_mbit * 1e6 if args.bandwidth_mbit else None,
                              ports=(args.port, args.port + 1) if args.port else None)
     extra["end_to_end_s"] = round(time.perf_counter() - t0, 2)
+    report.one_way_waits = rounds["one_way_waits"] if rounds else None
     print_report(report, args.json, args.ops, extra)
     return 0

@@ -71,6 +71,7 @@ class SecureReport:
     compile_s: float = 0.0
     accuracy: dict[str, Any] = field(default_factory=dict)
     network: dict[str, Any] = field(default_factory=dict)  # emulated link, two-process mode
+    one_way_waits: float | None = None  # measured by `measure_rounds`; else messages stand in
     logits: np.ndarray | None = None
 
     @property
@@ -82,9 +83,11 @@ class SecureReport:
         return sum(c.messages for c in self.per_class.values())
 
     def latency(self, network: str | tuple[float, float]) -> dict[str, float]:
-        """compute + bytes / bandwidth + messages x RTT / 2 (see `latency_model`)."""
+        """compute + bytes / bandwidth + waits x RTT / 2 (see `latency_model`): measured one-way
+        waits if `measure_rounds` ran, else SPU's message count (an upper bound)."""
         bw, rtt = NETWORKS[network] if isinstance(network, str) else network
-        return latency_model(self.wall_s, self.total_bytes + self.reveal_bytes, self.total_messages, bw, rtt)
+        waits = self.one_way_waits if self.one_way_waits is not None else self.total_messages
+        return latency_model(self.wall_s, self.total_bytes + self.reveal_bytes, waits, bw, rtt)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "logits"}
@@ -95,17 +98,18 @@ class SecureReport:
         return d
 
 
-def latency_model(compute_s: float, nbytes: int, messages: int, bandwidth_bps: float, rtt_s: float) -> dict[str, float]:
+def latency_model(compute_s: float, nbytes: int, waits: float, bandwidth_bps: float, rtt_s: float) -> dict[str, float]:
     """Projected latency = compute + transfer + waiting.
 
     * compute: the measured wall time of the secure run (both parties on this machine, link in
       memory or on loopback, so it holds almost no network time);
     * transfer: bytes (both directions) x 8 / bandwidth, i.e. the two directions do not overlap;
-    * waiting: messages x RTT / 2. SPU 0.9.5 reports messages, not rounds; charging every
-      message a one-way delay assumes none overlaps another, so this term is an upper bound.
+    * waiting: one-way waits x RTT / 2. The waits are measured by `measure_rounds` (a delayed
+      TCP link); without that measurement SPU's message count stands in, an upper bound
+      (SPU 0.9.5 reports messages, not rounds, and most of its messages overlap).
     """
     transfer = nbytes * 8.0 / bandwidth_bps
-    waiting = messages * rtt_s / 2.0
+    waiting = waits * rtt_s / 2.0
     return {"compute_s": compute_s, "transfer_s": transfer, "waiting_s": waiting,
             "total_s": compute_s + transfer + waiting, "bandwidth_bps": bandwidth_bps, "rtt_s": rtt_s}
 
@@ -567,13 +571,18 @@ def format_report(report: SecureReport) -> str:
     lines.append(f"(plus one-time setup {report.setup.get('bytes', 0) / 1e6:.1f} MB, "
                  f"{report.setup.get('messages', 0)} messages; output reveal {report.reveal_bytes / 1e6:.3f} MB "
                  "server -> client)")
-    lines.append("messages = link send actions both ways as SPU counts them; they bound rounds from above")
+    lines.append("messages = link send actions both ways as SPU counts them (not rounds: many overlap)")
     if report.accuracy:
         a = report.accuracy
         lines += ["", f"agreement with plaintext ({a['fixed_point']}): max |logit error| {a['max_abs_logit_error']:.4g} "
                   f"(max |logit| {a['max_abs_logit']:.3g}), argmax agreement {a['argmax_agreement']:.1%}, "
                   f"next token {'matches' if a['next_token_match'] else 'DIFFERS'}"]
-    lines += ["", "latency = compute + bytes x 8 / bandwidth + messages x RTT / 2 (upper bound; see docs)"]
+    if report.one_way_waits is not None:
+        lines += ["", f"latency = compute + bytes x 8 / bandwidth + one-way waits x RTT / 2, "
+                  f"with {report.one_way_waits:.0f} waits measured over a delayed TCP link"]
+    else:
+        lines += ["", "latency = compute + bytes x 8 / bandwidth + messages x RTT / 2 (messages stand in for "
+                  "one-way waits: an upper bound; --measure-rounds measures them)"]
     for name, (bw, rtt) in NETWORKS.items():
         lat = report.latency(name)
         lines.append(f"  {name} ({bw / 1e6:g} Mbit/s, {rtt * 1e3:g} ms): {lat['compute_s']:.2f} + {lat['transfer_s']:.2f} "
