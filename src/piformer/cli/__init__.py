@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is reported as one line naming what was wrong, not a traceback.
         print(f"piformer {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"piformer {args.command}: interrupted", file=sys.stderr)
         return 130
