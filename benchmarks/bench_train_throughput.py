@@ -124,6 +124,8 @@ def piformer_run(data_dir: Path, cfg: ModelConfig, tc, steps: int) -> list[float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="cpu-small", help="size preset (and its train recipe's batch sizes)")
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the size's recipe)")
+    ap.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward (default: the recipe's)")
     ap.add_argument("--data", default=None, help="prepared data dir (default: prepare the built-in corpus in a temp dir)")
     ap.add_argument("--steps", type=int, default=10, help="measured steps per case and repeat")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (allocator, caches)")
@@ -147,8 +149,9 @@ def main() -> None:
         data_dir = Path(tmp.name)
         prepare("builtin", data_dir, progress=False)
     vocab = TokenData(data_dir).vocab_size
+    batch = {k: v for k, v in (("batch_size", args.batch_size), ("micro_batch_size", args.micro_batch_size)) if v}
     tc = train_recipe(args.size, eval_interval=10**9, checkpoint_interval=10**9, log_interval=10**9,
-                      eval_batches=1, warmup=0.5)
+                      eval_batches=1, warmup=0.5, **batch)
     n = args.warmup + args.steps
 
     cases = [
