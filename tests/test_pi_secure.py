@@ -142,3 +142,16 @@ def test_cli_errors(tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "ckpt", _model("SM"))
     assert main(["pi-run", str(ckpt), "--seq-len", "999"]) == 2
     assert "block_size" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_measured_waits_over_a_delayed_link(tmp_path):
+    """Two processes over TCP with 20 ms one-way delay: the protocol's waits are measured, and
+    fewer than SPU's message count (its messages overlap)."""
+    from piformer.pi.secure import measure_rounds
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", _model("SM+ScFuFFN"))
+    r = measure_rounds(str(ckpt), _IDS[:6], SPUSettings(), delay_s=0.02, vocab_chunk=50)
+    assert r["wall_delayed_s"] > r["wall_s"]
+    assert 20 < r["one_way_waits"] < r["messages"]
+    assert r["per_class_one_way_waits"]["softmax"] > r["per_class_one_way_waits"]["matmul"]

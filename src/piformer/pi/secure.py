@@ -358,6 +358,7 @@ def serve(run_dir: str, listen: str, client: str, which: str = "best", log: Call
     model = load_model(run_dir, which=which)
     cfg = model.config
     sd = jf.state_dict_to_numpy(model)
+    log(f"pi-serve: SPU's log goes to {SPULog.path()}")
     for _ in range(max_queries):  # one link per client session
         log(f"pi-serve: waiting for a client at {client} (listening on {listen})")
         lctx = brpc_link(SERVER, [client, listen])
@@ -557,8 +558,9 @@ def format_report(report: SecureReport) -> str:
         f"secure inference ({report.mode}): protocol {s['protocol']}, {s['field']} with "
         f"{s['fxp_fraction_bits']} fraction bits, T={report.seq_len}, {report.layers_run} of "
         f"{report.config['n_layer']} blocks",
-        f"SPU settings: denominator_broadcast={s['denominator_broadcast']} ot_kind={s['ot_kind']} "
-        f"mul_lsb_error={s['mul_lsb_error']} exp_clip={s['exp_clip']}",
+        f"SPU settings: denominator_broadcast={s['denominator_broadcast']} exp_clip={s['exp_clip']}"
+        + (f" ot_kind={s['ot_kind']} mul_lsb_error={s['mul_lsb_error']}" if s["protocol"] == "cheetah"
+           else " (Beaver triples from a simulated trusted first party: offline phase not counted)"),
         "",
         f"{'operator class':<12} {'MB (both ways)':>15} {'messages':>10} {'seconds':>9} {'steps':>6}",
     ]
