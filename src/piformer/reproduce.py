@@ -73,9 +73,11 @@ TIERS: dict[str, Tier] = {
     ),
     "cpu": Tier(
         name="cpu",
-        note="cpu-small models (L=6, H=8, d=256, T=128), 2000 steps of 32 sequences each, on the built-in "
-        "corpus (Python standard library); a few hours on 2 CPU cores",
+        note="cpu-small models (L=6, H=8, d=256, T=128), 600 steps of 16 sequences (1.2M tokens) each, on the "
+        "built-in corpus (Python standard library); a few hours on 2 CPU cores",
         size="cpu-small",
+        train={"max_steps": 600, "batch_size": 16, "micro_batch_size": 16, "eval_interval": 100,
+               "eval_batches": 10, "log_interval": 20, "checkpoint_interval": 100},
         data={"source": "builtin", "vocab_size": 8192},
         secure_seq_len=32,
     ),
