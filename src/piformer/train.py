@@ -392,6 +392,10 @@ def train(
             state = ckpt_io.load_trainer_state(last)
     elif (out / "config.json").is_file() or (out / "checkpoints").exists():
         raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
+    if d.on:
+        # Every rank has now read the run directory as it was; only then may rank 0 write to it
+        # (otherwise a slower rank would find rank 0's fresh config.json and refuse to start).
+        dist.barrier()
 
     run = _Run(out, enabled=d.master)
     if d.master:
