@@ -81,6 +81,8 @@ class _Dist:
     rank: int = 0
     local_rank: int = 0
     world: int = 1
+    created: bool = False
+    """Whether train() initialised the process group (and so should destroy it)."""
 
     @property
     def master(self) -> bool:
@@ -98,6 +100,7 @@ def _setup_dist(device_type: str) -> _Dist:
     d = _Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        d.created = True
     return d
 
 
@@ -569,6 +572,8 @@ def train(
     elapsed = time.time() - t_loop
     if d.on:
         dist.barrier()
+        if d.created:
+            dist.destroy_process_group()
     return {
         "status": status, "step": step, "diverged_at": diverged_at, "max_steps": train_cfg.max_steps,
         "best_val_loss": best_val if math.isfinite(best_val) else None, "best_step": best_step,
