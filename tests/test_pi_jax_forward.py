@@ -76,3 +76,13 @@ def test_program_classes_and_owners():
     assert all(not n.startswith("onehot") for n in prog.server_inputs)
     with pytest.raises(ValueError, match="seq_len"):
         build_program(cfg, cfg.block_size + 1)
+
+
+def test_last_only_is_the_last_row():
+    m = _perturbed_model("SM+LN+G")
+    ids = np.arange(m.config.block_size) % m.config.vocab_size
+    sd = state_dict_to_numpy(m)
+    full = forward(sd, m.config, ids, vocab_chunk=40)
+    last = forward(sd, m.config, ids, vocab_chunk=40, last_only=True)
+    assert last.shape == (1, m.config.vocab_size)
+    np.testing.assert_allclose(last[0], full[-1], atol=1e-5)

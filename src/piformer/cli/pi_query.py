@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
                                                args.tokens, args.text, args.seed)
         return ids
 
-    report = query(tokens_for, args.server, args.listen, settings, vocab_chunk=args.vocab_chunk, layers=args.layers)
+    report = query(tokens_for, args.server, args.listen, settings, vocab_chunk=args.vocab_chunk, layers=args.layers,
+                   last_only=args.last_only)
     top = np.argsort(-report.logits[-1])[:5].tolist()
     print_report(report, args.json, extra={**source, "next_token_top5": top})
     return 0

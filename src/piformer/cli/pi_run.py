@@ -24,6 +24,8 @@ def add_spu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-chunk", type=int, default=4096,
                    help="vocabulary rows per one-hot embedding / head matmul (memory bound; default 4096)")
     g.add_argument("--layers", type=int, default=None, help="run only the first N blocks (default: all)")
+    g.add_argument("--last-only", action="store_true",
+                   help="compute and reveal only the last position's logits (all next-token generation needs)")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -114,10 +116,12 @@ def run(args: argparse.Namespace) -> int:
     rounds = None
     if args.measure_rounds:
         rounds = measure_rounds(args.run_dir, ids, settings, delay_s=args.measure_rounds / 1e3,
-                                vocab_chunk=args.vocab_chunk, layers=args.layers, which=args.which)
+                                vocab_chunk=args.vocab_chunk, layers=args.layers, which=args.which,
+                                last_only=args.last_only)
         extra["rounds"] = {k: v for k, v in rounds.items() if k != "per_step_one_way_waits"}
     if not args.two_process:
-        report = run_secure(sd, cfg, ids, settings, vocab_chunk=args.vocab_chunk, layers=args.layers)
+        report = run_secure(sd, cfg, ids, settings, vocab_chunk=args.vocab_chunk, layers=args.layers,
+                            last_only=args.last_only)
         report.one_way_waits = rounds["one_way_waits"] if rounds else None
         print_report(report, args.json, args.ops, extra)
         return 0
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     # Two OS processes: a pi-serve child (weights) and this process as the client (tokens).
     # This process also runs the plaintext program, only to report the agreement.
     program = jf.build_program(cfg, len(ids), vocab_chunk=args.vocab_chunk, exp_clip=settings.exp_clip,
-                               layers=args.layers)
+                               layers=args.layers, last_only=args.last_only)
     params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
     env = jf.run_program(program, {**params, **jf.one_hot_chunks(ids, program.vocab_chunks)})
     reference = np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)
@@ -133,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_two_process(args.run_dir, ids, settings, which=args.which, vocab_chunk=args.vocab_chunk,
                              layers=args.layers, reference=reference, delay_s=args.delay_ms / 1e3 if args.delay_ms else None,
                              bandwidth_bps=args.bandwidth_mbit * 1e6 if args.bandwidth_mbit else None,
-                             ports=(args.port, args.port + 1) if args.port else None)
+                             ports=(args.port, args.port + 1) if args.port else None, last_only=args.last_only)
     extra["end_to_end_s"] = round(time.perf_counter() - t0, 2)
     report.one_way_waits = rounds["one_way_waits"] if rounds else None
     print_report(report, args.json, args.ops, extra)

@@ -221,6 +221,7 @@ def build_program(
     exp_clip: float | None = None,
     layers: int | None = None,
     embed_head: bool = True,
+    last_only: bool = False,
 ) -> Program:
     """The forward pass of `cfg` on `seq_len` tokens as steps.
 
@@ -228,7 +229,8 @@ def build_program(
     extrapolates); by default all `cfg.n_layer` run. `embed_head=False` leaves out the
     embedding, final LayerNorm and head: the client then supplies the first block's input
     "x.in" (T, d) itself, which an "input" step turns into a secret value (no communication),
-    so a block is measured exactly as it runs inside the model.
+    so a block is measured exactly as it runs inside the model. `last_only` computes (and
+    reveals) the logits of the last position only: all that generating the next token needs.
     """
     T = int(seq_len or cfg.block_size)
     if not 0 < T <= cfg.block_size:
@@ -341,15 +343,20 @@ def build_program(
     if not embed_head:
         return Program(steps, client, server, [x], T, [],
                        settings={"vocab_chunk": vocab_chunk, "exp_clip": exp_clip, "layers": L, "embed_head": False})
-    steps.append(Step("ln_f", "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
-                      (x,) + ln_inputs("ln_f"), ("x.final",), f"ln:{bias}"))
+    if last_only:  # LayerNorm is per row: normalising only the last one is exact
+        steps.append(Step("ln_f", "layernorm", lambda x_, *wb: (_layernorm(x_[-1:], *wb),),
+                          (x,) + ln_inputs("ln_f"), ("x.final",), f"ln_last:{bias}"))
+    else:
+        steps.append(Step("ln_f", "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
+                          (x,) + ln_inputs("ln_f"), ("x.final",), f"ln:{bias}"))
     outputs = []
     for c, (a, b) in enumerate(chunks):
         steps.append(Step(f"head.{c}", "head", lambda x_, wt: (x_ @ wt,),
                           ("x.final", w(f"wte_t.{c}", (d, b - a))), (f"logits.{c}",), "head"))
         outputs.append(f"logits.{c}")
     return Program(steps, client, server, outputs, T, chunks,
-                   settings={"vocab_chunk": vocab_chunk, "exp_clip": exp_clip, "layers": L, "embed_head": True})
+                   settings={"vocab_chunk": vocab_chunk, "exp_clip": exp_clip, "layers": L, "embed_head": True,
+                             "last_only": last_only})
 
 
 def run_program(program: Program, inputs: dict[str, np.ndarray], jit: bool = True) -> dict[str, np.ndarray]:
@@ -375,10 +382,11 @@ def forward(
     ids: np.ndarray,
     vocab_chunk: int = 4096,
     exp_clip: float | None = None,
+    last_only: bool = False,
 ) -> np.ndarray:
-    """Logits (T, V) of one token sequence from a folded numpy state dict."""
+    """Logits (T, V) of one token sequence from a folded numpy state dict ((1, V) if last_only)."""
     ids = np.asarray(ids).reshape(-1)
-    program = build_program(cfg, len(ids), vocab_chunk=vocab_chunk, exp_clip=exp_clip)
+    program = build_program(cfg, len(ids), vocab_chunk=vocab_chunk, exp_clip=exp_clip, last_only=last_only)
     params = chunk_params(prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
     env = run_program(program, {**params, **one_hot_chunks(ids, program.vocab_chunks)})
     return np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)

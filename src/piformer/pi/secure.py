@@ -257,6 +257,7 @@ def run_secure(
     layers: int | None = None,
     check: bool = True,
     embed_head: bool = True,
+    last_only: bool = False,
 ) -> SecureReport:
     """Secure forward of token ids `ids` (T,) with both parties as threads of this process.
 
@@ -271,7 +272,7 @@ def run_secure(
     ids = np.asarray(ids).reshape(-1)
     T = len(ids)
     program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, layers=layers,
-                               embed_head=embed_head)
+                               embed_head=embed_head, last_only=last_only)
     params = jf.chunk_params(jf.prepare_params(sd, cfg, T), program.vocab_chunks)
     if embed_head:
         client_in = jf.one_hot_chunks(ids, program.vocab_chunks)
@@ -376,7 +377,7 @@ def _serve_one(lctx, cfg: ModelConfig, sd: dict[str, np.ndarray], log: Callable[
     settings = SPUSettings(**req["settings"])
     T = int(req["seq_len"])
     program = jf.build_program(cfg, T, vocab_chunk=req["vocab_chunk"], exp_clip=settings.exp_clip,
-                               layers=req.get("layers"))
+                               layers=req.get("layers"), last_only=bool(req.get("last_only")))
     params = jf.chunk_params(jf.prepare_params(sd, cfg, T), program.vocab_chunks)
     exes = compile_program(program, settings)
     warm = _warm_exe(settings)
@@ -397,7 +398,7 @@ def _warm_exe(settings: SPUSettings):
 
 
 def query(ids, server: str, listen: str, settings: SPUSettings | None = None, vocab_chunk: int = 4096,
-          layers: int | None = None, reference: np.ndarray | None = None) -> SecureReport:
+          layers: int | None = None, reference: np.ndarray | None = None, last_only: bool = False) -> SecureReport:
     """The client: connect to a server, tell it only how many tokens, get the logits of its tokens.
 
     `ids` is an array of token ids, or a function of the server's (public) ModelConfig that
@@ -416,16 +417,18 @@ def query(ids, server: str, listen: str, settings: SPUSettings | None = None, vo
         if int(ids.max()) >= cfg.vocab_size or int(ids.min()) < 0:
             _send_json(lctx, SERVER, {"op": "close"})
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
-        return _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference)
+        return _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only)
     finally:
         lctx.stop_link()
 
 
-def _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference) -> SecureReport:
+def _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only) -> SecureReport:
     T = len(ids)
-    _send_json(lctx, SERVER, {"seq_len": T, "settings": settings.to_dict(), "vocab_chunk": vocab_chunk, "layers": layers})
+    _send_json(lctx, SERVER, {"seq_len": T, "settings": settings.to_dict(), "vocab_chunk": vocab_chunk,
+                              "layers": layers, "last_only": last_only})
     t0 = time.perf_counter()
-    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, layers=layers)
+    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, layers=layers,
+                               last_only=last_only)
     exes = compile_program(program, settings)
     warm = _warm_exe(settings)
     compile_s = time.perf_counter() - t0
@@ -471,6 +474,7 @@ def run_two_process(
     bandwidth_bps: float | None = None,
     ports: tuple[int, int] | None = None,
     log_dir: str | None = None,
+    last_only: bool = False,
 ) -> SecureReport:
     """Start `piformer pi-serve` as a child process and query it from this process over TCP.
 
@@ -502,7 +506,7 @@ def run_two_process(
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:
             report = query(ids, server_seen_by_client, client_addr, settings, vocab_chunk=vocab_chunk,
-                           layers=layers, reference=reference)
+                           layers=layers, reference=reference, last_only=last_only)
             rc = server.wait(timeout=300)
         except BaseException as err:
             server.kill()
@@ -519,7 +523,8 @@ def run_two_process(
 
 
 def measure_rounds(run_dir: str, ids, settings: SPUSettings | None = None, delay_s: float = 0.02,
-                   vocab_chunk: int = 4096, layers: int | None = None, which: str = "best") -> dict[str, Any]:
+                   vocab_chunk: int = 4096, layers: int | None = None, which: str = "best",
+                   last_only: bool = False) -> dict[str, Any]:
     """How many one-way delays the protocol waits for, measured: run the same query over TCP,
     through the relay, without and with an added one-way delay; each step's extra time / delay
     is its count.
@@ -531,7 +536,7 @@ def measure_rounds(run_dir: str, ids, settings: SPUSettings | None = None, delay
     """
     def timed(delay: float) -> SecureReport:
         return run_two_process(run_dir, ids, settings, which=which, vocab_chunk=vocab_chunk, layers=layers,
-                               delay_s=delay)
+                               delay_s=delay, last_only=last_only)
 
     base, slow = timed(0.0), timed(delay_s)
     per_class: dict[str, float] = {}
