@@ -51,6 +51,8 @@ def save_checkpoint(
     """Save `model` (and optionally the trainer's state) to `ckpt_dir`, atomically."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.parent.glob(f".{ckpt_dir.name}.tmp-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.tmp-"))
     try:
         model = getattr(model, "module", model)  # unwrap DDP

@@ -15,15 +15,24 @@ import torch
 # Entropy of attention rows
 
 
-def row_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy of softmax(logits) along the last axis, computed stably.
+def softmax_with_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(logits) and its Shannon entropy along the last axis, from one log-softmax.
 
-    Masked entries must hold a large finite negative value (not -inf): then p = 0 there and
-    p * log p = 0 exactly, and gradients stay finite.
-    logits (..., T) -> (...,)
+    Masked entries must hold a large finite negative value (not -inf), so that p = 0 there.
+    Entries with p = 0 are dropped from the sum through `where`, which also keeps their
+    gradient exactly 0: the naive p * log p would pass log p ~ -3e38 backwards and overflow
+    to inf (then NaN) as soon as the upstream gradient exceeds 1.
+    logits (..., T) -> probs (..., T), entropy (...,)
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    p = logp.exp()
+    plogp = p * torch.where(p > 0, logp, torch.zeros_like(logp))
+    return p, -plogp.sum(dim=-1)
+
+
+def row_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) along the last axis. logits (..., T) -> (...,)"""
+    return softmax_with_entropy(logits)[1]
 
 
 def row_entropy(probs: torch.Tensor, eps: float = 0.0) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
 from .config import ModelConfig
-from .entropy import entropy_penalty, row_entropy_from_logits
+from .entropy import entropy_penalty, softmax_with_entropy
 
 
 @dataclass
@@ -89,11 +89,10 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
             probs = row_ent = None
         else:
-            logits = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, T)
-            # A finite fill (not -inf) keeps p*log p exactly 0 at masked entries, gradients finite.
-            logits = logits.float().masked_fill(~self.causal[:T, :T], torch.finfo(torch.float32).min)
-            probs = torch.softmax(logits, dim=-1)
-            row_ent = row_entropy_from_logits(logits)  # (B, H, T)
+            logits = (q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)  # (B, H, T, T)
+            # A finite fill (not -inf) makes masked probabilities exactly 0 with finite gradients.
+            logits = logits.float().masked_fill_(~self.causal[:T, :T], torch.finfo(torch.float32).min)
+            probs, row_ent = softmax_with_entropy(logits)  # (B, H, T, T), (B, H, T)
             y = F.dropout(probs, drop, self.training).to(v.dtype) @ v  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), probs, row_ent

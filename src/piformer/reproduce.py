@@ -265,7 +265,7 @@ def _train_stage(preset: str, tier: Tier, cfg: ModelConfig, data_dir: Path, run:
     if status.get("status") in ("finished", "diverged"):
         print(f"  already {status['status']} at step {status.get('step')}", flush=True)
         return
-    resume = (run / "checkpoints" / "last").is_dir()
+    resume = (run / "config.json").is_file()  # train() also resumes a run killed before its first checkpoint
     train_cfg = train_recipe(tier.size, **tier.train)
     train(cfg, train_cfg, data_dir, run, resume=resume, preset=preset, size=tier.size)
 
