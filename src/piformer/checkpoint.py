@@ -27,22 +27,6 @@ TRAINER_STATE = "trainer_state.pt"
 _TIED = "lm_head.weight"  # same tensor as transformer.wte.weight; stored once
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small file so readers see the old or the new content, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(
     ckpt_dir: str | Path,
     model: PiGPT,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paper
-from .checkpoint import atomic_write_text
+from .fileio import atomic_write_text
 from .entropy import BAND_LABELS
 from .report_doc import Document, Figure, Heading, Para, Table
 

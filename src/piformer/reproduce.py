@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from .fileio import atomic_write_text
 from .config import ModelConfig, train_recipe
 
 PAPER_CONFIGS = (
@@ -53,6 +53,8 @@ class Tier:
     secure_seq_len: int = 16
     """Tokens per secure inference (the tier's affordable shape)."""
     entropy_batches: int = 8
+    eval_batches: int | None = None
+    """Validation batches (of 16 sequences) for the final perplexity; None scores the whole split."""
     smoke: bool = False
     """Numbers are a pipeline check only; the report says so."""
 
@@ -69,6 +71,7 @@ TIERS: dict[str, Tier] = {
         data={"source": "builtin", "max_bytes": 3_000_000, "vocab_size": 2048},
         secure_seq_len=16,
         entropy_batches=4,
+        eval_batches=40,
         smoke=True,
     ),
     "cpu": Tier(
@@ -106,12 +109,11 @@ def _versions() -> dict[str, str]:
 
     v = {"piformer": __version__, "python": platform.python_version(), "torch": torch.__version__,
          "numpy": numpy.__version__}
-    try:
-        import spu  # noqa: F401
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         v["spu"] = version("spu")
-    except Exception:
+    except PackageNotFoundError:
         pass
     return v
 
@@ -215,7 +217,7 @@ def reproduce(
             _cost_stage(run, preset, cfg)
             continue
         progress.stage(f"evaluate {tag}")
-        timed(f"eval:{preset}", _eval_stage, run, data_dir)
+        timed(f"eval:{preset}", _eval_stage, run, data_dir, t.eval_batches)
         progress.stage(f"entropy {tag}")
         timed(f"entropy:{preset}", _entropy_stage, run, data_dir, t.entropy_batches)
         progress.stage(f"PI cost {tag}")
@@ -270,14 +272,14 @@ def _train_stage(preset: str, tier: Tier, cfg: ModelConfig, data_dir: Path, run:
     train(cfg, train_cfg, data_dir, run, resume=resume, preset=preset, size=tier.size)
 
 
-def _eval_stage(run: Path, data_dir: Path) -> None:
+def _eval_stage(run: Path, data_dir: Path, max_batches: int | None) -> None:
     if (run / "eval.json").is_file():
         return
     from .train import evaluate_run
 
     # Scores the best checkpoint; a diverged run's best is its last good one, and the report
     # shows it as diverged (the paper's NaN) with this number kept for reference.
-    result = evaluate_run(run, data_dir)
+    result = evaluate_run(run, data_dir, max_batches=max_batches)
     atomic_write_text(run / "eval.json", json.dumps(result, indent=1))
 
 

@@ -39,7 +39,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from .config import ModelConfig, TrainConfig
-from .data.shards import TokenData, atomic_write_text
+from .data.shards import TokenData
+from .fileio import atomic_write_text
 from .model import PiGPT
 
 EXIT_DIVERGED = 3

@@ -283,7 +283,7 @@ RESULT_FILE = "entropy.json"
 
 def save_result(result: EntropyResult, path: str | Path) -> Path:
     """Write ``result.to_dict()`` as JSON (atomically); a directory gets ``entropy.json`` inside."""
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
 
     p = Path(path)
     if p.is_dir():

@@ -12,7 +12,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from .shards import SPLITS, TokenWriter, atomic_write_text, token_dtype
+from ..fileio import atomic_write_text
+from .shards import SPLITS, TokenWriter, token_dtype
 from .sources import Corpus, open_corpus
 from .tokenizer import EOT, default_vocab_size, eot_id, load_tokenizer, train_tokenizer
 

@@ -31,17 +31,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file + os.replace: readers see the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class TokenWriter:
     """Append token arrays to `path` through a temp file; `commit()` moves it into place."""
 
