@@ -78,7 +78,9 @@ def test_softmax_only_communicates_less(baseline_report):
     assert r.total_bytes < baseline_report.total_bytes
     assert "activation" not in r.per_class
     assert r.per_class["other"].bytes > 0  # temperature and beta scalings
-    assert r.accuracy["argmax_agreement"] == 1.0, r.accuracy
+    # Temperatures of 1e-2 make a random model's logits near-ties, so argmax may flip on a
+    # fixed-point error of 1e-4 (seen: 7 of 8 positions); hold the logits themselves instead.
+    assert r.accuracy["max_abs_logit_error"] < 1e-2, r.accuracy
 
 
 def test_private_inputs_are_not_shared():
