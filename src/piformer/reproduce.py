@@ -83,6 +83,7 @@ TIERS: dict[str, Tier] = {
                "eval_batches": 10, "log_interval": 20, "checkpoint_interval": 100},
         data={"source": "builtin", "vocab_size": 8192},
         secure_seq_len=32,
+        eval_batches=50,
     ),
     "gpt2": Tier(
         name="gpt2",
