@@ -584,6 +584,9 @@ def format_report(report: SecureReport) -> str:
         lines += ["", f"agreement with plaintext ({a['fixed_point']}): max |logit error| {a['max_abs_logit_error']:.4g} "
                   f"(max |logit| {a['max_abs_logit']:.3g}), argmax agreement {a['argmax_agreement']:.1%}, "
                   f"next token {'matches' if a['next_token_match'] else 'DIFFERS'}"]
+        if a["max_abs_logit_error"] > 1.0 + a["max_abs_logit"]:
+            lines.append("WARNING: the secure result is wrong, not just imprecise (see docs/private_inference.md, "
+                         "'Accuracy'); communication counts are unaffected")
     if report.one_way_waits is not None:
         lines += ["", f"latency = compute + bytes x 8 / bandwidth + one-way waits x RTT / 2, "
                   f"with {report.one_way_waits:.0f} waits measured over a delayed TCP link"]
