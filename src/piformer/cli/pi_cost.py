@@ -6,7 +6,7 @@ import argparse
 import json
 
 NAME = "pi-cost"
-HELP = "Count nonlinear operations, FLOPs and MACs of an architecture (the paper's Tables 2, 3, 6, 7)."
+HELP = "count nonlinear operations, FLOPs and MACs of an architecture (the paper's Tables 2, 3, 6, 7)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

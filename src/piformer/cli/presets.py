@@ -7,7 +7,7 @@ from dataclasses import fields
 from ..config import ARCH_PRESETS, SIZE_PRESETS, ModelConfig, TrainConfig, field_docs
 
 NAME = "presets"
-HELP = "List architecture presets (the paper's names), size presets and config fields."
+HELP = "list architecture presets (the paper's names), size presets and config fields"
 
 
 def add_arguments(p) -> None:

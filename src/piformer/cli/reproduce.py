@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..reproduce import TIERS, reproduce
 
 NAME = "reproduce"
-HELP = "Run the paper's study at one scale (data, training, entropy, PI cost, secure inference) and write the report."
+HELP = "run the paper's study at one scale (data, training, entropy, PI cost, secure inference) and write the report"
 
 
 def add_arguments(p) -> None:
