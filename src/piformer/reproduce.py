@@ -63,7 +63,7 @@ TIERS: dict[str, Tier] = {
     "quick": Tier(
         name="quick",
         note="tiny models (L=4, H=4, d=64, T=64) for 300 steps on a 3 MB slice of the built-in corpus; "
-        "a smoke view that finishes in about 15 minutes on 2 CPU cores",
+        "a smoke view that finishes in a few minutes on 2 CPU cores",
         size="tiny",
         model={"n_layer": 4, "n_head": 4, "n_embd": 64, "block_size": 64},
         train={"max_steps": 300, "batch_size": 16, "micro_batch_size": 16, "lr": 3e-3, "eval_interval": 100,
