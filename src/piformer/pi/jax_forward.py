@@ -91,7 +91,7 @@ def state_dict_to_numpy(model) -> dict[str, np.ndarray]:
 
 def prepare_params(sd: dict[str, np.ndarray], cfg: ModelConfig, seq_len: int) -> dict[str, np.ndarray]:
     """Server-side plaintext preparation of a folded state dict into the program's named inputs."""
-    T, H, D = seq_len, cfg.n_head, cfg.head_dim
+    T, D = seq_len, cfg.head_dim
     f32 = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float32))  # noqa: E731
     p: dict[str, np.ndarray] = {"wte": f32(sd["transformer.wte.weight"]), "wpe": f32(sd["transformer.wpe.weight"][:T])}
 
@@ -272,15 +272,18 @@ def build_program(
         prev = out
     x = "x.emb"
 
+    def block_norm(name: str, src: str, dst: str) -> str:
+        """A block's LayerNorm step writing `dst`; without LayerNorm the input passes through."""
+        if cfg.norm != "layernorm":
+            return src
+        steps.append(Step(name, "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
+                          (src,) + ln_inputs(name), (dst,), f"ln:{bias}"))
+        return dst
+
     # -- blocks -----------------------------------------------------------------------------
     for l in range(L):
         p = f"h{l}"
-        if cfg.norm == "layernorm":
-            steps.append(Step(f"{p}.ln_1", "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
-                              (x,) + ln_inputs(f"{p}.ln_1"), (f"{p}.a_in",), f"ln:{bias}"))
-            a_in = f"{p}.a_in"
-        else:
-            a_in = x
+        a_in = block_norm(f"{p}.ln_1", x, f"{p}.a_in")
         qkv_w = lin_inputs(f"{p}.q", d, d) + lin_inputs(f"{p}.k", d, d) + lin_inputs(f"{p}.v", d, d)
 
         def qkv(x_, *wb, _n=2 if bias else 1):
@@ -307,12 +310,7 @@ def build_program(
         steps.append(Step(f"{p}.attn_out", "matmul", attn_out,
                           (f"{p}.prob", f"{p}.v", x) + lin_inputs(f"{p}.o", d, d), (f"{p}.x_sa",), f"attn_out:{H}:{bias}"))
         x_sa = f"{p}.x_sa"
-        if cfg.norm == "layernorm":
-            steps.append(Step(f"{p}.ln_2", "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
-                              (x_sa,) + ln_inputs(f"{p}.ln_2"), (f"{p}.f_in",), f"ln:{bias}"))
-            f_in = f"{p}.f_in"
-        else:
-            f_in = x_sa
+        f_in = block_norm(f"{p}.ln_2", x_sa, f"{p}.f_in")
         # The FFN's output projection also adds the residual unless ScFFN's beta must scale it first.
         residual = not cfg.ffn_scale
         if cfg.ffn == "fused":
