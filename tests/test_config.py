@@ -28,14 +28,19 @@ def test_preset_fields():
     final = ModelConfig.from_preset("EReg(SM(t)+ScFuFFN)", size="tiny")
     assert (final.norm, final.ffn_act, final.ffn, final.ffn_scale) == ("none", "none", "fused", True)
     assert final.attn_temperature and final.entropy_reg
-    assert final.temperature_init == 1e-2 and final.reg_gamma == 0.2 and final.reg_lambda == 1e-5
+    assert final.temperature_init == 1e-2 and final.temperature_param == "exp"
+    # The regulariser's loss settings are training settings; the recipe defaults are the paper's
+    # CodeParrot values in the form the authors trained with.
+    recipe = train_recipe("tiny")
+    assert (recipe.reg_lambda, recipe.reg_gamma, recipe.reg_mode, recipe.reg_reduction) == (1e-5, 0.2, "query", "sum")
+    assert not hasattr(final, "reg_lambda") and train_recipe("languini").reg_lambda == 5e-5
     assert ModelConfig.from_preset("SM+WN(QKV+FFN)", size="tiny").weight_norm_layers == {"q", "k", "v", "ffn"}
     assert ModelConfig.from_preset("SM+SN(QK)", size="tiny").spectral_norm_layers == {"q", "k"}
 
 
 def test_overrides_and_json_round_trip(tmp_path):
-    cfg = ModelConfig.from_preset("SM+LN+R", size="tiny", n_layer=3, reg_gamma="0.3")
-    assert cfg.n_layer == 3 and cfg.reg_gamma == 0.3
+    cfg = ModelConfig.from_preset("SM+LN+R", size="tiny", n_layer=3, temperature_init="0.3")
+    assert cfg.n_layer == 3 and cfg.temperature_init == 0.3
     cfg.to_json(tmp_path / "c.json")
     assert ModelConfig.from_json(tmp_path / "c.json") == cfg
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from piformer.config import ARCH_PRESETS, ModelConfig
+from piformer.config import ARCH_PRESETS, ModelConfig, RegLoss
 from piformer.model import PiGPT
 
 torch.manual_seed(0)
@@ -65,7 +65,7 @@ def test_sdpa_and_explicit_paths_give_the_same_logits(preset):
     with torch.no_grad():
         for b in model.transformer.h:  # make temperatures non-uniform so the per-row scaling matters
             if b.attn.temperature is not None:
-                b.attn.temperature.uniform_(0.5, 2.0)
+                b.attn.set_temperature(torch.empty(b.attn.temperature.shape).uniform_(0.5, 2.0))
     idx, _ = batch(model.config)
     fused = model(idx).logits
     explicit = model(idx, return_attention=True)
@@ -80,9 +80,9 @@ def test_temperature_divides_the_logits_per_head_and_query_position():
     assert torch.all(attn.temperature == 1e-2)
     x = torch.randn(1, model.config.block_size, model.config.n_embd)
     with torch.no_grad():
-        attn.temperature.fill_(1.0)
+        attn.set_temperature(1.0)
         _, p1, _ = attn(x, explicit=True)
-        attn.temperature.fill_(2.0)
+        attn.set_temperature(2.0)
         _, p2, _ = attn(x, explicit=True)
         q = attn.q_proj(x).view(1, -1, 2, 16).transpose(1, 2)
         k = attn.k_proj(x).view(1, -1, 2, 16).transpose(1, 2)
@@ -125,15 +125,16 @@ def test_weight_norm_rows_have_learnable_norms_and_spectral_norm_has_unit_sigma(
     assert abs(torch.linalg.matrix_norm(w, ord=2).item() - 1.0) < 1e-3
 
 
-def test_gradients_reach_thresholds_temperatures_alpha_beta():
-    model = tiny("EReg(SM(t)+ScFuFFN)", reg_lambda=1.0, reg_gamma=0.0)
+@pytest.mark.parametrize("param", ["exp", "raw"])
+def test_gradients_reach_thresholds_temperatures_alpha_beta(param):
+    model = tiny("EReg(SM(t)+ScFuFFN)", temperature_param=param)
     idx, tgt = batch(model.config)
-    out = model(idx, targets=tgt)
+    out = model(idx, targets=tgt, reg=RegLoss(lam=1.0, gamma=0.0, mode="head", reduction="mean"))
     assert out.reg_loss is not None and out.reg_loss > 0
     torch.testing.assert_close(out.loss, out.ce_loss + out.reg_loss)
     out.loss.backward()
     b = model.transformer.h[1]
-    for p in (b.attn.reg_threshold, b.attn.temperature, b.ffn_alpha, b.ffn_beta):
+    for p in (b.attn.reg_threshold, b.attn.temperature_leaf, b.ffn_alpha, b.ffn_beta):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 

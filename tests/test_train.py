@@ -121,7 +121,7 @@ def test_resume_matches_uninterrupted(tmp_path, data_dir, monkeypatch, preset, m
     if preset.startswith("EReg"):
         rec = a[3]
         assert rec["reg"] is not None and len(rec["thresholds"]) == mcfg.n_layer
-        assert set(rec["temperature"]) == {"mean", "std", "min", "max"}
+        assert set(rec["temperature"]) == {"mean", "std", "min", "max", "frac_nonpos"}
     rec = a[3]
     assert len(rec["head_entropy"]) == mcfg.n_layer and len(rec["head_entropy"][0]) == mcfg.n_head
 
@@ -311,3 +311,57 @@ def test_ddp_two_processes_match_single_process(tmp_path, data_dir):
         assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-4), s
     assert _evals(tmp_path / "ddp") == pytest.approx(_evals(tmp_path / "one"), rel=1e-4)
     assert json.loads((tmp_path / "ddp" / "status.json").read_text())["status"] == "finished"
+
+
+def test_regulariser_telemetry_in_a_fresh_run(tmp_path, data_dir):
+    """A user can see in metrics.jsonl whether the regulariser acts: its weighted share of the
+    loss, the share of rows outside the tolerance band, thresholds and temperatures per layer,
+    and (every reg_grad_interval steps) its gradient against the cross-entropy's."""
+    mcfg, tcfg = _cfgs("EReg(SM(t)+ScFuFFN)", reg_grad_interval=4)
+    train(mcfg, tcfg, data_dir, tmp_path / "run", progress=False)
+    steps = _steps(tmp_path / "run")
+    L = mcfg.n_layer
+    for s, rec in steps.items():
+        assert rec["reg"] > 0 and 0 <= rec["reg_outside"] <= 1
+        assert rec["reg_weighted"] == pytest.approx(tcfg.reg_lambda * rec["reg"])
+        assert rec["reg_share"] == pytest.approx(rec["reg_weighted"] / rec["loss"])
+    logged = steps[3]
+    assert len(logged["threshold_stats"]["mean"]) == len(logged["threshold_stats"]["std"]) == L
+    t = logged["temperature"]
+    assert len(t["frac_nonpos"]) == L and all(f == 0.0 for f in t["frac_nonpos"])  # exp: t > 0
+    assert all(0 < lo <= hi for lo, hi in zip(t["min"], t["max"]))
+    ratios = {s: r["reg_grad_ratio"] for s, r in steps.items() if "reg_grad_ratio" in r}
+    assert sorted(ratios) == [4, 8, 12] and all(v > 0 and math.isfinite(v) for v in ratios.values())
+    # the twin logs no regulariser fields
+    mcfg, tcfg = _cfgs("SM(t)+ScFuFFN")
+    train(mcfg, tcfg, data_dir, tmp_path / "twin", progress=False)
+    twin = _steps(tmp_path / "twin")[3]
+    assert twin["reg"] is None and "reg_outside" not in twin and "thresholds" not in twin
+
+
+def test_regulariser_settings_are_training_settings_a_resume_may_change(tmp_path, data_dir):
+    mcfg, tcfg = _cfgs("EReg(SM(t)+ScFuFFN)", max_steps=4)
+    train(mcfg, tcfg, data_dir, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "last" / "config.json").read_text())
+    assert not any(k.startswith("reg_") and k != "reg_threshold_init" for k in saved)  # the network only
+    more = train_recipe("tiny", **{**TINY_TRAIN, "max_steps": 8, "reg_lambda": 1e-2})
+    r = train(mcfg, more, data_dir, tmp_path / "run", resume=True, progress=False)
+    assert r["status"] == "finished"
+    last = _steps(tmp_path / "run")[8]
+    assert last["reg_weighted"] == pytest.approx(1e-2 * last["reg"])
+
+
+def test_checkpoints_written_before_the_loss_settings_moved_still_load(tmp_path):
+    from piformer.checkpoint import save_checkpoint
+
+    old = ModelConfig.from_preset("EReg(SM(t)+ScFuFFN)", "tiny", temperature_param="raw")
+    model = PiGPT(old)
+    save_checkpoint(tmp_path / "ck", model, {"step": 0})
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    del cfg["temperature_param"]
+    cfg.update(reg_lambda=1e-5, reg_gamma=0.2, reg_mode="head")  # the old layout
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    back = load_model(tmp_path / "ck")
+    assert back.config.temperature_param == "raw"
+    idx = torch.randint(0, old.vocab_size, (1, 8))
+    torch.testing.assert_close(back(idx).logits, model(idx).logits)

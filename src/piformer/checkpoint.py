@@ -83,7 +83,7 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
 def load_config(path: str | Path) -> ModelConfig:
     ckpt = resolve_checkpoint(path)
     try:
-        return ModelConfig.from_dict(json.loads((ckpt / CONFIG).read_text()))
+        return ModelConfig.from_saved(json.loads((ckpt / CONFIG).read_text()))
     except json.JSONDecodeError as err:
         raise ValueError(f"corrupt checkpoint {ckpt}: {CONFIG} is not valid JSON ({err})") from None
 

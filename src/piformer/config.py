@@ -24,7 +24,11 @@ NORMS = ("layernorm", "none")
 FFN_ACTS = ("gelu", "relu", "none")
 FFN_KINDS = ("standard", "fused")
 NORM_GROUPS = ("qk", "qkv", "qkvo", "ffn")
-REG_MODES = ("head", "query")
+REG_MODES = ("query", "head")
+REG_REDUCTIONS = ("sum", "mean")
+TEMPERATURE_PARAMS = ("exp", "raw")
+# Loss settings that older checkpoints kept in ModelConfig; they now live in TrainConfig.
+_LEGACY_LOSS_FIELDS = ("reg_lambda", "reg_gamma", "reg_mode")
 
 
 @dataclass
@@ -63,16 +67,13 @@ class ModelConfig:
     """Learnable softmax temperature t of shape (H, T) per layer: softmax(q.k / (t * sqrt(d_k)))."""
     temperature_init: float = 1e-2
     """Initial value of every temperature (paper: 1e-2 on CodeParrot, 1e-1 on Languini)."""
+    temperature_param: str = "exp"
+    """How t is stored: 'exp' learns log t (t = exp(s) stays positive, so no row's attention ranking
+    can invert); 'raw' learns t itself, unconstrained, as the paper's code does."""
 
     entropy_reg: bool = False
-    """Entropy regularisation (Algorithm 1) with per-layer, per-head learnable thresholds."""
-    reg_lambda: float = 1e-5
-    """Weight of the entropy penalty in the total loss (paper: 1e-5 CodeParrot, 5e-5 Languini)."""
-    reg_gamma: float = 0.2
-    """Tolerance margin as a fraction of E_max = log T: deviations within gamma * log T are free."""
-    reg_mode: str = "head"
-    """'head': penalise each head's query-averaged entropy (Algorithm 1, the default);
-    'query': penalise every query row and average (the form of the paper's Appendix B code)."""
+    """The entropy regulariser's learnable per-layer, per-head thresholds theta (Algorithm 1). The
+    penalty's weight, tolerance and form are loss settings: TrainConfig.reg_*."""
     reg_threshold_init: float = 0.5
     """Initial threshold weight theta (target entropy = theta * log T). The paper does not state
     one; 0.5 puts the target in the middle of the band that well-behaved heads occupy
@@ -89,7 +90,7 @@ class ModelConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("ffn_act", self.ffn_act, FFN_ACTS)
         _check_choice("ffn", self.ffn, FFN_KINDS)
-        _check_choice("reg_mode", self.reg_mode, REG_MODES)
+        _check_choice("temperature_param", self.temperature_param, TEMPERATURE_PARAMS)
         for name in ("weight_norm", "spectral_norm"):
             parse_norm_groups(getattr(self, name), name)
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -106,8 +107,6 @@ class ModelConfig:
             )
         if self.temperature_init <= 0:
             raise ValueError(f"ModelConfig.temperature_init must be > 0, got {self.temperature_init}")
-        if self.reg_gamma < 0:
-            raise ValueError(f"ModelConfig.reg_gamma must be >= 0, got {self.reg_gamma}")
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -136,6 +135,19 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         return _from_dict(cls, d)
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> "ModelConfig":
+        """A config read back from a checkpoint or run directory, including those written before
+        the regulariser's loss settings left ModelConfig (they are dropped) and before
+        `temperature_param` existed (those models stored t raw)."""
+        d = dict(d)
+        legacy = any(k in d for k in _LEGACY_LOSS_FIELDS)
+        for k in _LEGACY_LOSS_FIELDS:
+            d.pop(k, None)
+        if legacy:
+            d.setdefault("temperature_param", "raw")
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,12 +203,29 @@ SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 128},
     "gpt2-18l": {"n_layer": 18, "n_head": 12, "n_embd": 768, "block_size": 128},
     "cpu-small": {"n_layer": 6, "n_head": 8, "n_embd": 256, "block_size": 128},
+    # The paper's second recipe (Languini books): GPT-2 small at T=512, temperatures from 1e-1.
+    "languini": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 512, "temperature_init": 1e-1},
     "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 97},
 }
 
 
 # ---------------------------------------------------------------------------------------
 # Training and data
+
+
+@dataclass(frozen=True)
+class RegLoss:
+    """The entropy regulariser's loss settings (TrainConfig.reg_*), as PiGPT.forward takes them.
+    The defaults are the paper's CodeParrot setting in the form the authors trained with."""
+
+    lam: float = 1e-5
+    """lambda: weight of the penalty in the total loss."""
+    gamma: float = 0.2
+    """Tolerance as a fraction of log T."""
+    mode: str = "query"
+    """'query' (every query row, Appendix B code) or 'head' (query-averaged, Algorithm 1)."""
+    reduction: str = "sum"
+    """'sum' or 'mean' over the batch and query rows ('query' mode)."""
 
 
 @dataclass
@@ -246,7 +275,35 @@ class TrainConfig:
     tensorboard: bool = False
     """Also log to TensorBoard (needs the tensorboard package)."""
 
+    reg_lambda: float = 1e-5
+    """Weight of the entropy penalty in the total loss (paper: 1e-5 CodeParrot, 5e-5 Languini).
+    Acts only on models with entropy_reg."""
+    reg_gamma: float = 0.2
+    """Tolerance margin as a fraction of E_max = log T: deviations within gamma * log T are free."""
+    reg_mode: str = "query"
+    """What is compared with each head's threshold: 'query', every query row's entropy (the
+    Appendix B code the authors trained with); 'head', the head's query-averaged entropy
+    (Algorithm 1 as printed)."""
+    reg_reduction: str = "sum"
+    """How the per-row penalties of 'query' mode are reduced over the batch and query rows: 'sum'
+    (the Appendix B code, the magnitude the paper's lambda was tuned for) or 'mean'. Then the
+    mean over heads and over layers. 'head' mode takes 'mean' (there is nothing to sum)."""
+    reg_grad_interval: int = 100
+    """Every this many steps, log the ratio of the regulariser's gradient norm to the
+    cross-entropy's on the attention weights (two extra backward passes; 0 disables)."""
+
     def __post_init__(self) -> None:
+        _check_choice("reg_mode", self.reg_mode, REG_MODES, cls="TrainConfig")
+        _check_choice("reg_reduction", self.reg_reduction, REG_REDUCTIONS, cls="TrainConfig")
+        if self.reg_mode == "head" and self.reg_reduction != "mean":
+            raise ValueError(
+                "TrainConfig.reg_reduction='sum' needs reg_mode='query' (the head form penalises one "
+                "query-averaged entropy per head: nothing to sum); use reg_reduction='mean' with reg_mode='head'"
+            )
+        if self.reg_gamma < 0:
+            raise ValueError(f"TrainConfig.reg_gamma must be >= 0, got {self.reg_gamma}")
+        if self.reg_lambda < 0:
+            raise ValueError(f"TrainConfig.reg_lambda must be >= 0, got {self.reg_lambda}")
         _check_choice("schedule", self.schedule, ("linear", "cosine"), cls="TrainConfig")
         _check_choice("dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"), cls="TrainConfig")
         if self.max_steps <= 0:
@@ -258,6 +315,10 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         return _from_dict(cls, d)
 
+    def reg_loss(self) -> "RegLoss":
+        """The entropy regulariser's loss settings, as the model's forward takes them."""
+        return RegLoss(self.reg_lambda, self.reg_gamma, self.reg_mode, self.reg_reduction)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -266,6 +327,12 @@ class TrainConfig:
 TRAIN_RECIPES: dict[str, dict[str, Any]] = {
     "gpt2-small": {},
     "gpt2-18l": {},
+    # Languini (SPEC section 4): Adam betas (0.9, 0.95), cosine 6e-4 -> 6e-6 after 200 warm-up
+    # steps, batch 128 sequences of 512 tokens; lambda 5e-5. Steps: 1.2B tokens / 65,536 per step.
+    "languini": {
+        "max_steps": 18311, "batch_size": 128, "micro_batch_size": 16, "lr": 6e-4, "min_lr": 6e-6,
+        "schedule": "cosine", "warmup": 200, "beta2": 0.95, "reg_lambda": 5e-5,
+    },
     "cpu-small": {
         "max_steps": 2000, "batch_size": 32, "micro_batch_size": 16, "lr": 1e-3,
         "eval_interval": 250, "eval_batches": 10, "log_interval": 25, "checkpoint_interval": 250,
@@ -393,6 +460,6 @@ def parse_overrides(items: list[str] | None) -> dict[str, dict[str, str]]:
 
 
 __all__ = [
-    "ModelConfig", "TrainConfig", "ARCH_PRESETS", "SIZE_PRESETS", "TRAIN_RECIPES",
+    "ModelConfig", "TrainConfig", "RegLoss", "ARCH_PRESETS", "SIZE_PRESETS", "TRAIN_RECIPES",
     "train_recipe", "parse_norm_groups", "parse_overrides", "field_docs",
 ]

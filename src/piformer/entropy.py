@@ -155,26 +155,46 @@ def diagnose(
 # The entropy regulariser (Algorithm 1)
 
 
-def entropy_penalty(
-    entropy: torch.Tensor,
-    thresholds: torch.Tensor,
-    seq_len: int,
-    gamma: float = 0.2,
+def _gated_squared_deviation(
+    entropy: torch.Tensor, thresholds: torch.Tensor, seq_len: int, gamma: float
 ) -> torch.Tensor:
-    """Algorithm 1: mean over layers of (mean over heads of a tolerance-gated squared deviation).
-
-    entropy: (L, H) query-averaged head entropies ('head' mode), or (L, H, N) entropies of
-    N individual query rows ('query' mode, the Appendix B code's form, averaged instead of summed
-    so lambda does not scale with batch size).
-    thresholds: (L, H) learnable weights theta; layer l's target entropy is theta_l[h] * log T.
-    Returns a scalar (unweighted; the caller multiplies by lambda).
-    """
+    """(E - theta * log T)^2 where |E - theta * log T| > gamma * log T, else 0; entropy's shape."""
     e_max = max_entropy(seq_len)
     target = thresholds * e_max
     if entropy.dim() == 3:
         target = target.unsqueeze(-1)
     dev = entropy - target
-    penalty = torch.where(dev.abs() > gamma * e_max, dev.square(), torch.zeros_like(dev))
+    return torch.where(dev.abs() > gamma * e_max, dev.square(), torch.zeros_like(dev))
+
+
+def entropy_penalty(
+    entropy: torch.Tensor,
+    thresholds: torch.Tensor,
+    seq_len: int,
+    gamma: float = 0.2,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """The entropy regulariser's penalty: a tolerance-gated squared deviation from each head's
+    learnable target theta * log T, reduced over the measurements, then averaged over heads and
+    then over layers (Algorithm 1, lines 15 and 18).
+
+    entropy: (L, H), each head's query-averaged entropy ('head' mode, Algorithm 1 as printed), or
+    (L, H, N), the entropies of N individual query rows ('query' mode, Appendix B's code).
+    reduction ('query' mode): 'sum' over the N rows, as the authors' code does and the magnitude
+    their lambda was tuned for; 'mean' divides that by N.
+    thresholds: (L, H); each layer uses its own (the released code reused layer 0's).
+    Returns a scalar (unweighted; the caller multiplies by lambda).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"entropy_penalty: unknown reduction {reduction!r}; valid: 'sum', 'mean'")
+    penalty = _gated_squared_deviation(entropy, thresholds, seq_len, gamma)
     if penalty.dim() == 3:
-        penalty = penalty.mean(dim=-1)
+        penalty = penalty.sum(dim=-1) if reduction == "sum" else penalty.mean(dim=-1)
     return penalty.mean(dim=1).mean(dim=0)
+
+
+@torch.no_grad()
+def outside_tolerance(entropy: torch.Tensor, thresholds: torch.Tensor, seq_len: int, gamma: float) -> float:
+    """Share of the penalised measurements (heads, or query rows) outside their tolerance band:
+    the share on which the regulariser currently acts. 0 means its gradient is exactly 0."""
+    return float((_gated_squared_deviation(entropy, thresholds, seq_len, gamma) > 0).float().mean())

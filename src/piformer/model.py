@@ -8,7 +8,9 @@ Every variant is a `ModelConfig` field, not a subclass:
   weight_norm      '' | 'qk' | 'ffn' | 'qk+ffn' | 'qkv+ffn' | 'qkvo+ffn'       (WN)
   spectral_norm    same groups                                                  (SN)
   attn_temperature softmax(q.k / (t * sqrt(d_k))), t in R^{H x T} per layer     (SM(t))
-  entropy_reg      Algorithm 1's penalty, thresholds theta_l in R^H per layer   (EReg)
+                   (temperature_param='exp' learns log t, so t > 0)
+  entropy_reg      learnable thresholds theta_l in R^H per layer for the entropy penalty (EReg);
+                   the penalty's weight and form are loss settings (RegLoss, TrainConfig.reg_*)
 
 Shapes: B batch, T sequence, C = n_embd, H heads, D = C / H head width, V vocabulary, L layers.
 Parameter names follow nanoGPT/HF GPT-2 (transformer.h.{l}.attn..., lm_head tied to wte).
@@ -24,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
-from .config import ModelConfig
-from .entropy import entropy_penalty, softmax_with_entropy
+from .config import ModelConfig, RegLoss
+from .entropy import entropy_penalty, outside_tolerance, softmax_with_entropy
 
 
 @dataclass
@@ -37,7 +39,12 @@ class ModelOutput:
     ce_loss: torch.Tensor | None = None
     """Mean token cross-entropy, nats. Perplexity = exp(ce_loss)."""
     reg_loss: torch.Tensor | None = None
-    """Unweighted entropy penalty of Algorithm 1 (None when entropy_reg is off)."""
+    """Unweighted entropy penalty (None when entropy_reg is off or no targets were given)."""
+    reg_outside: float | None = None
+    """Share of the penalised heads (or query rows) outside their tolerance band: where the
+    regulariser acts. 0 means its gradient is exactly 0 this step."""
+    row_entropy: torch.Tensor | None = None
+    """(L, B, H, T) entropy of every attention row, when the explicit path ran."""
     head_entropy: torch.Tensor | None = None
     """(L, H) attention entropy per head: mean over batch and query rows (Eq. 7)."""
     attentions: list[torch.Tensor] | None = None
@@ -68,10 +75,28 @@ class CausalSelfAttention(nn.Module):
         self.temperature = (
             nn.Parameter(torch.full((H, T), config.temperature_init)) if config.attn_temperature else None
         )
+        if config.attn_temperature and config.temperature_param == "exp":
+            # Stored as log t ('parametrizations.temperature.original'); reading .temperature gives t.
+            parametrize.register_parametrization(self, "temperature", _Exp())
         self.reg_threshold = (
             nn.Parameter(torch.full((H,), config.reg_threshold_init)) if config.entropy_reg else None
         )
         self.register_buffer("causal", torch.ones(T, T, dtype=torch.bool).tril(), persistent=False)
+
+    @property
+    def temperature_leaf(self) -> nn.Parameter | None:
+        """The tensor the optimiser updates: t ('raw') or log t ('exp')."""
+        if parametrize.is_parametrized(self, "temperature"):
+            return self.parametrizations.temperature.original
+        return self.temperature
+
+    @torch.no_grad()
+    def set_temperature(self, t: torch.Tensor | float) -> None:
+        """Set the temperatures to t (a scalar or anything that broadcasts to (H, T)), whatever
+        their parametrisation."""
+        leaf = self.temperature_leaf
+        value = torch.broadcast_to(torch.as_tensor(t, dtype=leaf.dtype, device=leaf.device), leaf.shape)
+        leaf.copy_(value.log() if leaf is not self.temperature else value)
 
     def forward(self, x: torch.Tensor, explicit: bool):
         B, T, C = x.shape
@@ -96,6 +121,16 @@ class CausalSelfAttention(nn.Module):
             y = F.dropout(probs, drop, self.training).to(v.dtype) @ v  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), probs, row_ent
+
+
+class _Exp(nn.Module):
+    """t = exp(s): a positive temperature learned in log space."""
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return s.exp()
+
+    def right_inverse(self, t: torch.Tensor) -> torch.Tensor:
+        return t.log()
 
 
 class MLP(nn.Module):
@@ -184,15 +219,18 @@ class PiGPT(nn.Module):
 
     @torch.no_grad()
     def fold_static_norms(self) -> "PiGPT":
-        """Bake weight/spectral normalisation into plain weights (what inference and PI run).
+        """Bake weight/spectral normalisation (and a log-space temperature) into plain tensors,
+        what inference and PI run.
 
-        After this the state_dict holds ordinary `...weight` tensors and outputs are unchanged.
+        After this the state_dict holds ordinary `...weight` and `...attn.temperature` tensors and
+        outputs are unchanged.
         """
         was_training = self.training
         self.eval()  # spectral norm must not take another power-iteration step while folding
         for module in self.modules():
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            for name in ("weight", "temperature"):
+                if parametrize.is_parametrized(module, name):
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         self.train(was_training)
         return self
 
@@ -203,7 +241,10 @@ class PiGPT(nn.Module):
         targets: torch.Tensor | None = None,
         return_entropy: bool = False,
         return_attention: bool = False,
+        reg: RegLoss | None = None,
     ) -> ModelOutput:
+        """`reg` sets the entropy penalty's weight and form (default: RegLoss(), the paper's);
+        it acts only when the model has entropy_reg and targets are given."""
         B, T = idx.shape
         cfg = self.config
         if T > cfg.block_size:
@@ -228,6 +269,7 @@ class PiGPT(nn.Module):
         out = ModelOutput(logits=logits)
         if explicit:
             ent = torch.stack(row_entropies)  # (L, B, H, T)
+            out.row_entropy = ent
             out.head_entropy = ent.mean(dim=(1, 3))  # (L, H), Eq. 7
         if return_attention:
             out.attentions = attentions
@@ -238,12 +280,15 @@ class PiGPT(nn.Module):
             out.ce_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
             out.loss = out.ce_loss
             if regularise:
-                if cfg.reg_mode == "head":
-                    measured = out.head_entropy
+                reg = reg or RegLoss()
+                if reg.mode == "head":
+                    measured, reduction = out.head_entropy, "mean"
                 else:  # every query row of every sequence: (L, H, B*T)
-                    measured = ent.permute(0, 2, 1, 3).reshape(cfg.n_layer, cfg.n_head, -1)
-                out.reg_loss = entropy_penalty(measured, self.thresholds(), T, cfg.reg_gamma)
-                out.loss = out.ce_loss + cfg.reg_lambda * out.reg_loss
+                    measured, reduction = ent.permute(0, 2, 1, 3).reshape(cfg.n_layer, cfg.n_head, -1), reg.reduction
+                thresholds = self.thresholds()
+                out.reg_loss = entropy_penalty(measured, thresholds, T, reg.gamma, reduction)
+                out.reg_outside = outside_tolerance(measured.detach(), thresholds.detach(), T, reg.gamma)
+                out.loss = out.ce_loss + reg.lam * out.reg_loss
         return out
 
     # -- introspection ---------------------------------------------------------------------

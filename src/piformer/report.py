@@ -44,11 +44,17 @@ def collect(run_root: str | Path) -> dict[str, Any]:
     root = Path(run_root)
     manifest = _read(root / "reproduce.json") or {}
     runs = []
-    for preset, rel in manifest.get("runs", {}).items():
+    specs = manifest.get("run_specs", {})
+    for label, rel in manifest.get("runs", {}).items():
         d = root / rel
+        spec = specs.get(label, {})
         runs.append({
-            "preset": preset,
+            "label": label,
+            "preset": spec.get("preset", label),
+            "seed": spec.get("seed") if spec.get("seed") is not None else (_read(d / "config.json") or {}).get("train", {}).get("seed"),
+            "variant": spec.get("variant", ""),
             "dir": rel,
+            "regulariser": _regulariser_summary(d / "metrics.jsonl"),
             "status": _read(d / "status.json") or {},
             "eval": _read(d / "eval.json"),
             "entropy": _read(d / "entropy.json"),
@@ -57,6 +63,27 @@ def collect(run_root: str | Path) -> dict[str, Any]:
             "pi_secure": _read(d / "pi_secure.json"),
         })
     return {"manifest": manifest, "runs": runs, "data": _read(root / "data" / "meta.json") or {}}
+
+
+def _regulariser_summary(metrics: Path) -> dict[str, Any] | None:
+    """The last logged regulariser and temperature telemetry of a run (None if it logged none)."""
+    if not metrics.is_file():
+        return None
+    last: dict[str, Any] = {}
+    ratios = []
+    for line in metrics.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("reg_grad_ratio") is not None:
+            ratios.append((rec["step"], rec["reg_grad_ratio"]))
+        if "temperature" in rec or "reg_outside" in rec:
+            last = rec
+    if not last:
+        return None
+    keys = ("step", "reg", "reg_weighted", "reg_share", "reg_outside", "threshold_stats", "temperature")
+    return {**{k: last.get(k) for k in keys}, "reg_grad_ratio": ratios}
 
 
 def _ppl_section(doc: Document, runs: list[dict]) -> None:
@@ -73,7 +100,7 @@ def _ppl_section(doc: Document, runs: list[dict]) -> None:
         )
         ppr = paper.PPL_T128.get(r["preset"])
         rows.append([
-            f"`{r['preset']}`",
+            f"`{r['label']}`",
             "NaN (diverges)" if r["preset"] == "SM" else _fmt(ppr, ".2f"),
             _pct(paper.ppl_delta(r["preset"])),
             _fmt(ours, ".3f", none="NaN" if status == "diverged" else "—"),
@@ -112,7 +139,7 @@ def _entropy_section(doc: Document, runs: list[dict], figures: dict[str, str], r
         paper_top = paper.BANDS_TOP.get(r["preset"])
         paper_bottom = paper.BANDS_BOTTOM.get(r["preset"])
         rows.append(
-            [f"`{r['preset']}`"]
+            [f"`{r['label']}`"]
             + [_fmt(b * 100 if b is not None else None, ".1f") + "%" for b in bands]
             + [
                 "—" if paper_top is None else f"{paper_top * 100:.0f}%",
@@ -158,7 +185,7 @@ def _pi_section(doc: Document, runs: list[dict]) -> None:
             continue
         p = t2.get(r["preset"], {})
         rows.append([
-            f"`{r['preset']}`",
+            f"`{r['label']}`",
             ", ".join(op["paper"] for op in c["nonlinear"]) or "—",
             c["ffn_flops_paper"], p.get("ffn", "—"),
             c["attn_flops_paper"], p.get("attn", "—"),
@@ -197,7 +224,7 @@ def _pi_section(doc: Document, runs: list[dict]) -> None:
         s = r["pi_secure"]
         by = s.get("per_class", {})
         rows.append(
-            [f"`{r['preset']}`"]
+            [f"`{r['label']}`"]
             + [_fmt(by.get(k, {}).get("bytes", 0) / 2**20, ".2f") for k in PI_CLASSES]
             + [
                 _fmt(s["total_bytes"] / 2**20, ".2f"),
@@ -216,7 +243,7 @@ def _pi_section(doc: Document, runs: list[dict]) -> None:
         caption="Communication per operator class (both directions) and projected latency.",
     ))
     wan_rows = [
-        [f"`{r['preset']}`"] + [_fmt(r["pi_secure"]["latency"]["WAN"][k], ".2f")
+        [f"`{r['label']}`"] + [_fmt(r["pi_secure"]["latency"]["WAN"][k], ".2f")
                                 for k in ("compute_s", "transfer_s", "waiting_s", "total_s")]
         for r in measured
     ]

@@ -33,6 +33,31 @@ PAPER_CONFIGS = (
     "SM+WN(FFN)", "SM+SN(FFN)", "SM+ScFFN", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)",
 )
 SECURE_CONFIGS = ("SM+LN+G", "SM+LN+R", "SM+ScFuFFN")
+TWIN = "SM(t)+ScFuFFN"
+"""The regularised model without its regulariser: what isolates the regulariser's effect."""
+CLAIM_CONFIGS = ("SM+LN+G", "SM+ScFuFFN", TWIN, "EReg(SM(t)+ScFuFFN)")
+"""The configurations the paper's headline claims compare; the cpu tier trains them with extra seeds."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of a study: a preset, optionally another seed or a variant of its config."""
+
+    preset: str
+    seed: int | None = None
+    """None: the training recipe's seed."""
+    variant: str = ""
+    """A short tag for a non-default setting, e.g. 't=raw'; its runs are never pooled with the preset's."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig overrides that make the variant."""
+
+    @property
+    def label(self) -> str:
+        parts = [self.preset] + ([self.variant] if self.variant else []) + ([f"seed={self.seed}"] if self.seed is not None else [])
+        return " ".join(parts)
+
+    def __hash__(self) -> int:
+        return hash(self.label)
 
 
 @dataclass
@@ -48,7 +73,13 @@ class Tier:
     """Overrides of the size's training recipe."""
     data: dict[str, Any] = field(default_factory=dict)
     """Arguments of piformer.data.prepare (source, vocab_size, max_bytes, ...)."""
-    presets: tuple[str, ...] = PAPER_CONFIGS
+    presets: tuple[str, ...] = PAPER_CONFIGS + (TWIN,)
+    extra_seeds: tuple[int, ...] = ()
+    """Seeds trained in addition to the recipe's, for the CLAIM_CONFIGS present in `presets`."""
+    variants: tuple[RunSpec, ...] = ()
+    """Further runs: a preset with some config fields changed (e.g. the raw temperature)."""
+    jobs: int = 1
+    """Runs trained (and evaluated) at once, each in its own process with cpu_count // jobs threads."""
     secure_presets: tuple[str, ...] = SECURE_CONFIGS
     secure_seq_len: int = 16
     """Tokens per secure inference (the tier's affordable shape)."""
@@ -57,6 +88,13 @@ class Tier:
     """Validation batches (of 16 sequences) for the final perplexity; None scores the whole split."""
     smoke: bool = False
     """Numbers are a pipeline check only; the report says so."""
+
+    def run_specs(self) -> list[RunSpec]:
+        """Every run of the tier, in training order: each preset, then extra seeds, then variants."""
+        specs = [RunSpec(p) for p in self.presets]
+        specs += [RunSpec(p, seed=s) for s in self.extra_seeds for p in CLAIM_CONFIGS if p in self.presets]
+        specs += [v for v in self.variants if v.preset in self.presets]
+        return specs
 
 
 TIERS: dict[str, Tier] = {
@@ -76,14 +114,22 @@ TIERS: dict[str, Tier] = {
     ),
     "cpu": Tier(
         name="cpu",
-        note="cpu-small models (L=6, H=8, d=256, T=128), 600 steps of 16 sequences (1.2M tokens) each, on the "
-        "built-in corpus (Python standard library); a few hours on 2 CPU cores",
+        note="6-layer, 4-head, width-128 models at T=64 on the built-in corpus (Python standard library, "
+        "vocabulary 4096): CPU_STEPS steps of 32 sequences, lr 2e-3 with 5% warm-up and linear decay; the four "
+        "claim configurations with two seeds, the raw-temperature variant of EReg beside the default; "
+        "about CPU_WALL on 2 CPU cores",
         size="cpu-small",
-        train={"max_steps": 600, "batch_size": 16, "micro_batch_size": 16, "eval_interval": 100,
-               "eval_batches": 10, "log_interval": 20, "checkpoint_interval": 100},
-        data={"source": "builtin", "vocab_size": 8192},
+        model={"n_layer": 6, "n_head": 4, "n_embd": 128, "block_size": 64},
+        train={"max_steps": 600, "batch_size": 32, "micro_batch_size": 32, "lr": 2e-3, "warmup": 0.05,
+               "eval_interval": 100, "eval_batches": 8, "log_interval": 20, "checkpoint_interval": 100,
+               "reg_grad_interval": 50},
+        data={"source": "builtin", "vocab_size": 4096},
+        extra_seeds=(2,),
+        variants=(RunSpec("EReg(SM(t)+ScFuFFN)", variant="t=raw", model={"temperature_param": "raw"}),),
+        jobs=2,
         secure_seq_len=32,
-        eval_batches=50,
+        entropy_batches=8,
+        eval_batches=40,
     ),
     "gpt2": Tier(
         name="gpt2",
@@ -144,8 +190,12 @@ def reproduce(
     presets: list[str] | None = None,
     max_steps: int | None = None,
     secure: bool = True,
+    jobs: int | None = None,
 ) -> dict[str, Path]:
-    """Run the study at `tier` into `out` and write the report. Reruns skip finished work."""
+    """Run the study at `tier` into `out` and write the report. Reruns skip finished work.
+
+    `jobs` (default: the tier's) trains that many runs at once, each in its own process.
+    """
     if isinstance(tier, str) and tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; valid tiers: {', '.join(TIERS)}")
     t = TIERS[tier] if isinstance(tier, str) else tier
@@ -158,6 +208,11 @@ def reproduce(
         t = dataclasses.replace(t, presets=tuple(presets))
     if max_steps:
         t = dataclasses.replace(t, train={**t.train, "max_steps": int(max_steps)})
+    if jobs is not None:
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
+        t = dataclasses.replace(t, jobs=int(jobs))
+    specs = t.run_specs()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -168,12 +223,14 @@ def reproduce(
         "versions": _versions(),
         "machine": _machine(),
         "started": old.get("started") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "runs": {p: f"runs/{slug(p)}" for p in t.presets},
+        "runs": {s.label: f"runs/{slug(s.label)}" for s in specs},
+        "run_specs": {s.label: {"preset": s.preset, "seed": s.seed, "variant": s.variant, "model": s.model}
+                      for s in specs},
         "stages": old.get("stages", {}),
         "wall_s": old.get("wall_s", 0.0),
     }
-    n_secure = len([p for p in t.secure_presets if p in t.presets]) if secure else 0
-    progress = _Progress(1 + 4 * len(t.presets) + n_secure + 2)
+    secure_runs = [p for p in t.secure_presets if p in t.presets] if secure else []
+    progress = _Progress(1 + len(specs) + len(secure_runs) + 2)
 
     def save_manifest() -> None:
         manifest["wall_s"] = old.get("wall_s", 0.0) + (time.time() - started)
@@ -202,32 +259,35 @@ def reproduce(
     vocab_size = int(read_meta(data_dir)["vocab_size"])
     manifest["data_dir"] = str(data_dir)
 
-    # 2. per configuration: train, evaluate, entropy, analytic cost
-    for i, preset in enumerate(t.presets, 1):
-        run = root / manifest["runs"][preset]
-        tag = f"{preset} ({i}/{len(t.presets)})"
-        cfg = ModelConfig.from_preset(preset, size=t.size, **{**t.model, "vocab_size": vocab_size})
-        progress.stage(f"train {tag} -> {run}")
-        timed(f"train:{preset}", _train_stage, preset, t, cfg, data_dir, run)
-        if not _has_checkpoint(run):
-            # A run that diverged before its first checkpoint has nothing to evaluate or analyse;
-            # its status.json carries the outcome into the report.
-            progress.done += 2
-            progress.stage(f"{tag}: no checkpoint (diverged at step "
-                           f"{json.loads((run / 'status.json').read_text()).get('step')}); only analytic cost")
-            _cost_stage(run, preset, cfg)
-            continue
-        progress.stage(f"evaluate {tag}")
-        timed(f"eval:{preset}", _eval_stage, run, data_dir, t.eval_batches)
-        progress.stage(f"entropy {tag}")
-        timed(f"entropy:{preset}", _entropy_stage, run, data_dir, t.entropy_batches)
-        progress.stage(f"PI cost {tag}")
-        _cost_stage(run, preset, cfg)
+    # 2. per run: train, evaluate, entropy, analytic cost (`jobs` runs at a time)
+    work = [(s, t, vocab_size, data_dir, root / manifest["runs"][s.label]) for s in specs]
+    if t.jobs <= 1:
+        for item in work:
+            progress.stage(f"run {item[0].label} -> {item[4]}")
+            for name, seconds in _run_pipeline(*item, progress=True).items():
+                manifest["stages"][name] = seconds
+            save_manifest()
+    else:
+        import multiprocessing as mp
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // t.jobs)
+        print(f"[reproduce] {len(work)} runs, {t.jobs} at a time, {threads} thread(s) each", flush=True)
+        with ProcessPoolExecutor(t.jobs, mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_pipeline, *item, progress="lines"): item[0] for item in work}
+            for fut in as_completed(futures):
+                spec = futures[fut]
+                for name, seconds in fut.result().items():
+                    manifest["stages"][name] = seconds
+                progress.stage(f"run {spec.label}: done")
+                save_manifest()
 
     # 3. secure inference where the tier affords it
     if secure:
-        for preset in [p for p in t.secure_presets if p in t.presets]:
-            run = root / manifest["runs"][preset]
+        for preset in secure_runs:
+            run = root / manifest["runs"][RunSpec(preset).label]
             if not _has_checkpoint(run):
                 progress.stage(f"secure inference {preset}: no checkpoint, skipped")
                 continue
@@ -236,7 +296,7 @@ def reproduce(
 
     # 4. figures and report
     progress.stage("figures")
-    analysed = [root / manifest["runs"][p] for p in t.presets if (root / manifest["runs"][p] / "entropy.json").is_file()]
+    analysed = [root / manifest["runs"][s.label] for s in specs if (root / manifest["runs"][s.label] / "entropy.json").is_file()]
     manifest["figures"] = timed("figures", _figures_stage, root, analysed)
     progress.stage("report")
     save_manifest()
@@ -251,6 +311,37 @@ def reproduce(
 # Stages. Each skips work whose output is already on disk.
 
 
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_pipeline(spec: RunSpec, tier: Tier, vocab_size: int, data_dir: Path, run: Path,
+                  progress: bool | str = True) -> dict[str, float]:
+    """Train one run, then evaluate it, measure its entropy and price it. Returns stage timings.
+    Each stage skips work already on disk, so a rerun resumes where a kill left off."""
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args) -> None:
+        t0 = time.time()
+        fn(*args)
+        timings[f"{name}:{spec.label}"] = round(time.time() - t0, 2)
+
+    cfg = ModelConfig.from_preset(spec.preset, size=tier.size, **{**tier.model, **spec.model, "vocab_size": vocab_size})
+    timed("train", _train_stage, spec, tier, cfg, data_dir, run, progress)
+    if not _has_checkpoint(run):
+        # A run that diverged before its first checkpoint has nothing to evaluate or analyse;
+        # its status.json carries the outcome into the report.
+        step = json.loads((run / "status.json").read_text()).get("step")
+        print(f"  {spec.label}: no checkpoint (diverged at step {step}); only analytic cost", flush=True)
+    else:
+        timed("eval", _eval_stage, run, data_dir, tier.eval_batches)
+        timed("entropy", _entropy_stage, run, data_dir, tier.entropy_batches)
+    _cost_stage(run, spec.preset, cfg)
+    return timings
+
+
 def _has_checkpoint(run: Path) -> bool:
     from .checkpoint import resolve_checkpoint
 
@@ -261,7 +352,8 @@ def _has_checkpoint(run: Path) -> bool:
         return False
 
 
-def _train_stage(preset: str, tier: Tier, cfg: ModelConfig, data_dir: Path, run: Path) -> None:
+def _train_stage(spec: RunSpec, tier: Tier, cfg: ModelConfig, data_dir: Path, run: Path,
+                 progress: bool | str = True) -> None:
     from .train import train
 
     status = json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}
@@ -269,8 +361,8 @@ def _train_stage(preset: str, tier: Tier, cfg: ModelConfig, data_dir: Path, run:
         print(f"  already {status['status']} at step {status.get('step')}", flush=True)
         return
     resume = (run / "config.json").is_file()  # train() also resumes a run killed before its first checkpoint
-    train_cfg = train_recipe(tier.size, **tier.train)
-    train(cfg, train_cfg, data_dir, run, resume=resume, preset=preset, size=tier.size)
+    train_cfg = train_recipe(tier.size, **{**tier.train, **({"seed": spec.seed} if spec.seed is not None else {})})
+    train(cfg, train_cfg, data_dir, run, resume=resume, preset=spec.preset, size=tier.size, progress=progress)
 
 
 def _eval_stage(run: Path, data_dir: Path, max_batches: int | None) -> None:

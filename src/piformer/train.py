@@ -228,20 +228,44 @@ def _jsonable(x: Any) -> Any:
 
 
 def _model_stats(model: PiGPT) -> dict[str, Any]:
-    """Learned thresholds (L x H) and per-layer temperature statistics, when the model has them."""
+    """Learned thresholds (L x H, and mean/std per layer) and per-layer temperature statistics
+    (mean, std, min, max, share <= 0), when the model has them."""
     out: dict[str, Any] = {}
     with torch.no_grad():
         th = model.thresholds()
         if th is not None:
-            out["thresholds"] = th.float().cpu().tolist()
+            th = th.float()
+            out["thresholds"] = th.cpu().tolist()
+            out["threshold_stats"] = {"mean": th.mean(1).tolist(), "std": th.std(1).tolist()}
         t = model.temperatures()
         if t is not None:
             flat = t.float().flatten(1)  # (L, H*T)
             out["temperature"] = {
                 "mean": flat.mean(1).tolist(), "std": flat.std(1).tolist(),
                 "min": flat.min(1).values.tolist(), "max": flat.max(1).values.tolist(),
+                "frac_nonpos": (flat <= 0).float().mean(1).tolist(),
             }
     return out
+
+
+def _pattern_params(model: PiGPT) -> list[torch.Tensor]:
+    """The parameters that shape attention patterns: query/key projections and temperatures."""
+    return [p for n, p in model.named_parameters()
+            if p.requires_grad and (".attn.q_proj." in n or ".attn.k_proj." in n or "temperature" in n)]
+
+
+def reg_grad_ratio(model: PiGPT, x: torch.Tensor, y: torch.Tensor, reg, amp_dtype=None) -> dict[str, float]:
+    """||grad(lambda * penalty)|| / ||grad CE|| over the attention-pattern parameters (query and
+    key projections, temperatures) on one batch: how hard the regulariser pulls next to the
+    language-modelling loss. Leaves the model's .grad untouched."""
+    params = _pattern_params(model)
+    with _autocast(x.device, amp_dtype):
+        o = model(x, y, reg=reg)
+    g_ce = torch.autograd.grad(o.ce_loss, params, retain_graph=True, allow_unused=True)
+    g_reg = torch.autograd.grad(reg.lam * o.reg_loss, params, allow_unused=True)
+    norm = lambda gs: math.sqrt(sum(float(g.float().square().sum()) for g in gs if g is not None))  # noqa: E731
+    n_ce, n_reg = norm(g_ce), norm(g_reg)
+    return {"reg_grad_norm": n_reg, "ce_grad_norm": n_ce, "reg_grad_ratio": n_reg / n_ce if n_ce > 0 else float("nan")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,7 +353,7 @@ def evaluate_run(
 
 
 def _check_resume_compatible(saved: dict[str, Any], model_cfg: ModelConfig, fingerprint: dict[str, Any]) -> None:
-    saved_model = ModelConfig.from_dict(saved["model"])
+    saved_model = ModelConfig.from_saved(saved["model"])
     if saved_model != model_cfg:
         diff = [f"{k}: {getattr(saved_model, k)!r} -> {getattr(model_cfg, k)!r}"
                 for k in saved["model"] if getattr(saved_model, k) != getattr(model_cfg, k)]
@@ -349,9 +373,12 @@ def train(
     *,
     preset: str | None = None,
     size: str | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> dict[str, Any]:
     """Train `model_cfg` on the prepared data in `data_dir`, writing the run to `out_dir`.
+
+    progress: True, a progress bar; "lines", a printed line per evaluation (for runs side by side);
+    False, nothing.
 
     The model's vocab_size is taken from the data. Returns a dict with status ('finished' or
     'diverged'), step, best_val_loss, final val_loss/val_ppl, tokens_per_s and paths.
@@ -478,14 +505,19 @@ def train(
             best_val, best_step = ev["val_loss"], step
             save("best", step)
         run.set_status(step=step, best_val_loss=best_val, best_step=best_step, last_val_loss=ev["val_loss"])
+        if progress == "lines" and d.master:
+            print(f"  {preset or out.name}: step {step}/{train_cfg.max_steps}, val loss {ev['val_loss']:.4f}", flush=True)
         return ev
 
     bar = None
-    if d.master and progress:
+    if d.master and progress is True:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=train_cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                    desc=f"train {preset or ''}".strip())
+
+    reg = train_cfg.reg_loss()
+    regularised = model_cfg.entropy_reg
 
     # -- the loop ------------------------------------------------------------------------------
     model.train()
@@ -499,7 +531,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             log_now = (step + 1) % train_cfg.log_interval == 0 or step + 1 == train_cfg.max_steps
-            sums = torch.zeros(3, device=device)  # loss, ce, reg: means over this rank's micro-batches
+            sums = torch.zeros(4, device=device)  # loss, ce, reg, reg_outside: means over this rank's micro-batches
             head_ent = None  # (L, H) mean over micro-batches, when the forward computed it
             for m in range(accum):
                 g = d.rank * accum + m  # global micro-batch index: batches do not depend on world size
@@ -508,18 +540,19 @@ def train(
                 x, y = data.get_batch("train", micro, T, step=step, micro_step=g, seed=train_cfg.seed, device=device)
                 sync = not d.on or m == accum - 1  # DDP all-reduces gradients on the last micro-step only
                 with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, amp_dtype):
-                    o = model(x, y)
+                    o = model(x, y, reg=reg)
                     loss = o.loss / accum
                 scaler.scale(loss).backward()
-                reg = o.reg_loss.detach() if o.reg_loss is not None else torch.zeros((), device=device)
-                sums += torch.stack([o.loss.detach(), o.ce_loss.detach(), reg.float()]) / accum
+                reg_term = o.reg_loss.detach() if o.reg_loss is not None else torch.zeros((), device=device)
+                outside = torch.tensor(o.reg_outside or 0.0, device=device)
+                sums += torch.stack([o.loss.detach(), o.ce_loss.detach(), reg_term.float(), outside]) / accum
                 if log_now and o.head_entropy is not None:
                     e = o.head_entropy.detach() / accum
                     head_ent = e if head_ent is None else head_ent + e
             if d.on:
                 dist.all_reduce(sums)  # gloo has no AVG: sum, then divide
                 sums /= d.world
-            loss_v, ce_v, reg_v = sums.tolist()  # one host sync per step: needed to catch divergence now
+            loss_v, ce_v, reg_v, outside_v = sums.tolist()  # one host sync per step: needed to catch divergence now
 
             if not math.isfinite(loss_v):
                 # A diverged run is a result: record it, keep the last good checkpoint, stop.
@@ -542,8 +575,16 @@ def train(
 
             dt = _clock() - t0
             tokens_run += tokens_per_step
-            rec = {"step": step, "loss": loss_v, "ce": ce_v, "reg": reg_v if model_cfg.entropy_reg else None,
+            rec = {"step": step, "loss": loss_v, "ce": ce_v, "reg": reg_v if regularised else None,
                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
+            if regularised:
+                # Is the regulariser doing anything? Its weighted share of the loss, and the share of
+                # heads (query rows in 'query' mode) outside the tolerance band, where its gradient lives.
+                rec["reg_weighted"] = reg.lam * reg_v
+                rec["reg_share"] = reg.lam * reg_v / loss_v if loss_v else None
+                rec["reg_outside"] = outside_v
+                if d.master and train_cfg.reg_grad_interval and step % train_cfg.reg_grad_interval == 0:
+                    rec.update(reg_grad_ratio(raw_model, x, y, reg, amp_dtype))
             if log_now and d.master:
                 if head_ent is None:  # the fused attention path computes no entropies: measure on this batch
                     with torch.no_grad(), _autocast(device, amp_dtype):

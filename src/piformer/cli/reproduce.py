@@ -18,10 +18,13 @@ def add_arguments(p) -> None:
                    help="train only these configurations (default: the tier's list)")
     p.add_argument("--max-steps", type=int, default=None, help="override the tier's training steps")
     p.add_argument("--no-secure", action="store_true", help="skip the secure (SPU) inference runs")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once, each in its own process with cores/jobs threads "
+                        "(default: the tier's; the cpu tier uses 2)")
 
 
 def run(args) -> int:
     paths = reproduce(args.tier, args.out, data=args.data, presets=args.presets,
-                      max_steps=args.max_steps, secure=not args.no_secure)
+                      max_steps=args.max_steps, secure=not args.no_secure, jobs=args.jobs)
     print(f"open {paths['html']}")
     return 0

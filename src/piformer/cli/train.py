@@ -47,7 +47,7 @@ def build_configs(args: argparse.Namespace):
             model = ModelConfig.from_preset(preset or "SM+LN+G", size or "cpu-small",
                                             vocab_size=int(read_meta(data_dir)["vocab_size"]), **overrides["model"])
         else:
-            model = ModelConfig.from_dict({**saved["model"], **overrides["model"]})
+            model = ModelConfig.from_saved({**saved["model"], **overrides["model"]})
         train = TrainConfig.from_dict({**saved["train"], **overrides["train"]})
         return model, train, data_dir, preset, size
     preset, size = args.preset or "SM+LN+G", args.size or "cpu-small"

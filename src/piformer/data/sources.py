@@ -211,6 +211,10 @@ def load_hf(spec: str, split: str | None = None):
             ds = ds[split]
         elif "train" in ds:
             ds = ds["train"]
+        elif len(ds) == 1:
+            # A dataset with one split under another name: CodeParrot's validation set
+            # (huggingface-course/codeparrot-ds-valid) has only a 'validation' split.
+            ds = next(iter(ds.values()))
         else:
             raise ValueError(f"hf:{spec}: several splits ({', '.join(ds)}); name one as hf:{spec}:SPLIT")
     return ds

@@ -149,7 +149,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
             data = json.loads(c.read_text())
             if isinstance(data.get("model"), dict):
                 data = data["model"]
-            return ModelConfig.from_dict(data)
+            return ModelConfig.from_saved(data)
     if not p.exists():
         raise FileNotFoundError(f"no such run directory or file: {p}")
     raise FileNotFoundError(f"no config.json in {p} (looked at: {', '.join(map(str, candidates))})")

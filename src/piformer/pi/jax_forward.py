@@ -80,11 +80,14 @@ class Program:
 def state_dict_to_numpy(model) -> dict[str, np.ndarray]:
     """The folded (static norms baked in) float32 numpy state dict of a PiGPT model.
 
-    Folds a *copy*, so the caller's model keeps its parametrisations.
+    Folds a *copy*, so the caller's model keeps its parametrisations. The copy is a fresh model
+    loaded with the weights: a deepcopy would share torch's dynamically made parametrised classes
+    with the original, and folding it would strip the original's parametrised attributes.
     """
-    import copy
+    from piformer.model import PiGPT
 
-    m = copy.deepcopy(model)
+    m = PiGPT(model.config)
+    m.load_state_dict(model.state_dict())
     m.fold_static_norms()
     return {k: v.detach().cpu().float().numpy() for k, v in m.state_dict().items()}
 
