@@ -62,7 +62,10 @@ def collect(run_root: str | Path) -> dict[str, Any]:
             "pi_cost_paper_shape": _read(d / "pi_cost_gpt2.json"),
             "pi_secure": _read(d / "pi_secure.json"),
         })
-    return {"manifest": manifest, "runs": runs, "data": _read(root / "data" / "meta.json") or {}}
+    data_dir = Path(manifest["data_dir"]) if manifest.get("data_dir") else root / "data"
+    if not data_dir.is_absolute():
+        data_dir = root / data_dir
+    return {"manifest": manifest, "runs": runs, "data": _read(data_dir / "meta.json") or {}}
 
 
 def _regulariser_summary(metrics: Path) -> dict[str, Any] | None:
@@ -257,6 +260,101 @@ def _pi_section(doc: Document, runs: list[dict]) -> None:
     ))
 
 
+def _groups(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Runs pooled by (preset, variant): the seeds of one configuration."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        out.setdefault((r["preset"], r.get("variant", "")), []).append(r)
+    return out
+
+
+def _seeds_section(doc: Document, runs: list[dict]) -> None:
+    """Mean and spread over seeds for every configuration trained with more than one."""
+    from .findings import entropy_view
+
+    rows = []
+    for (preset, variant), group in _groups(runs).items():
+        if len(group) < 2:
+            continue
+        ppl = [r["eval"]["ppl"] for r in group
+               if r["eval"] and r["status"].get("status") != "diverged" and r["eval"].get("ppl") is not None]
+        views = [v for v in (entropy_view(r) for r in group) if v is not None]
+        early = [v.early_mean for v in views]
+        deep = [v.deep_mean for v in views]
+
+        def mr(xs: list[float], spec: str) -> str:
+            if not xs:
+                return "—"
+            return f"{sum(xs) / len(xs):{spec}} ({min(xs):{spec}}–{max(xs):{spec}})"
+
+        rows.append([f"`{preset}{' ' + variant if variant else ''}`", ", ".join(str(r["seed"]) for r in group),
+                     mr(ppl, ".2f"), f"{max(ppl) - min(ppl):.2f}" if len(ppl) > 1 else "—",
+                     mr(early, ".3f"), mr(deep, ".3f")])
+    if rows:
+        doc.add(
+            Heading("Seed spread"),
+            Table(["config", "seeds", "PPL mean (min–max)", "PPL spread", "first-half mean head entropy",
+                   "last-half mean head entropy"], rows,
+                  caption="A difference between two configurations smaller than their seed spread is noise."),
+        )
+
+
+def _regulariser_section(doc: Document, runs: list[dict]) -> None:
+    """Is the regulariser doing anything, and how do the temperature parametrisations compare."""
+    rows = []
+    for r in runs:
+        g = r.get("regulariser")
+        if not g:
+            continue
+        th = g.get("threshold_stats") or {}
+        t = g.get("temperature") or {}
+        ratios = g.get("reg_grad_ratio") or []
+        std = th.get("std") or []
+        rows.append([
+            f"`{r['label']}`",
+            _fmt(g.get("reg"), ".1f"), _fmt(g.get("reg_share"), ".2e"),
+            "—" if g.get("reg_outside") is None else f"{g['reg_outside'] * 100:.1f}%",
+            "—" if not ratios else f"{ratios[0][1]:.1e} → {ratios[-1][1]:.1e}",
+            "—" if not std else f"{sum(std) / len(std):.3f}",
+            "—" if not t else f"{min(t['min']):.3g} / {sum(t['mean']) / len(t['mean']):.3g} / {max(t['max']):.3g}",
+            "—" if not t.get("frac_nonpos") else f"{sum(t['frac_nonpos']) / len(t['frac_nonpos']) * 100:.1f}%",
+        ])
+    if not rows:
+        return
+    doc.add(
+        Heading("The regulariser at work"),
+        Para(
+            "From each run's `metrics.jsonl`, at its last logged step: the unweighted penalty, "
+            "lambda x penalty as a share of the total loss, the share of query rows outside the "
+            "tolerance band (where the penalty's gradient lives; 0 means it does nothing), the ratio of the "
+            "regulariser's gradient norm to the cross-entropy's on the query/key projections and temperatures "
+            "(first → last measurement), the mean within-layer std of the learned thresholds, and the learned "
+            "temperatures (min / mean / max over layers, heads and positions) with the share at or below zero."
+        ),
+        Table(["run", "penalty", "lambda x penalty / loss", "rows outside band", "grad ratio reg/CE",
+               "threshold std", "t min / mean / max", "t <= 0"], rows),
+    )
+    groups = _groups(runs)
+    default = [r for r in groups.get(("EReg(SM(t)+ScFuFFN)", ""), []) if r["eval"]]
+    raw = [r for r in groups.get(("EReg(SM(t)+ScFuFFN)", "t=raw"), []) if r["eval"]]
+    if default and raw:
+        exp_ppl = [r["eval"]["ppl"] for r in default]
+        raw_ppl = [r["eval"]["ppl"] for r in raw]
+        spread = max(exp_ppl) - min(exp_ppl) if len(exp_ppl) > 1 else 0.0
+        diff = sum(raw_ppl) / len(raw_ppl) - sum(exp_ppl) / len(exp_ppl)
+        if diff < -spread:
+            verdict = "the raw temperature is better beyond the seed spread"
+        elif diff > spread:
+            verdict = "the positive (exp) temperature is better beyond the seed spread"
+        else:
+            verdict = "the two are within seed noise; the positive form is kept because it cannot invert a row's ranking"
+        doc.add(Para(
+            f"Temperature parametrisation, `EReg(SM(t)+ScFuFFN)`: positive t = exp(s) (the default) PPL "
+            f"{', '.join(f'{x:.2f}' for x in exp_ppl)}; raw t PPL {', '.join(f'{x:.2f}' for x in raw_ppl)} "
+            f"(difference {diff:+.2f}, seed spread {spread:.2f}): {verdict}."
+        ))
+
+
 def _what_was_run(doc: Document, res: dict[str, Any]) -> None:
     m, data = res["manifest"], res["data"]
     tier = m.get("tier", {})
@@ -294,8 +392,15 @@ def build(run_root: str | Path) -> dict[str, Path]:
             "**Smoke view.** This tier trains tiny models for a few hundred steps: it checks the pipeline "
             "end to end, and its perplexities and entropy patterns are not comparable with the paper's."
         ))
+    from .findings import evaluate_findings, findings_blocks
+
+    findings = evaluate_findings(res)
+    res["findings"] = [f.to_dict() for f in findings]
+    doc.add(*findings_blocks(findings))
     _what_was_run(doc, res)
     _ppl_section(doc, res["runs"])
+    _seeds_section(doc, res["runs"])
+    _regulariser_section(doc, res["runs"])
     _entropy_section(doc, res["runs"], m.get("figures", {}), root)
     _pi_section(doc, res["runs"])
     paths = {"md": root / "report.md", "html": root / "report.html", "results": root / "results.json"}

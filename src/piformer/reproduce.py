@@ -257,7 +257,9 @@ def reproduce(
     from .data.shards import read_meta
 
     vocab_size = int(read_meta(data_dir)["vocab_size"])
-    manifest["data_dir"] = str(data_dir)
+    # Relative to the run root when inside it, so a copied or committed study still finds it.
+    inside = data_dir.resolve().is_relative_to(root.resolve())
+    manifest["data_dir"] = str(data_dir.resolve().relative_to(root.resolve()) if inside else data_dir.resolve())
 
     # 2. per run: train, evaluate, entropy, analytic cost (`jobs` runs at a time)
     work = [(s, t, vocab_size, data_dir, root / manifest["runs"][s.label]) for s in specs]
@@ -342,6 +344,12 @@ def _run_pipeline(spec: RunSpec, tier: Tier, vocab_size: int, data_dir: Path, ru
     return timings
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _has_checkpoint(run: Path) -> bool:
     from .checkpoint import resolve_checkpoint
 
@@ -372,7 +380,7 @@ def _eval_stage(run: Path, data_dir: Path, max_batches: int | None) -> None:
 
     # Scores the best checkpoint; a diverged run's best is its last good one, and the report
     # shows it as diverged (the paper's NaN) with this number kept for reference.
-    result = evaluate_run(run, data_dir, max_batches=max_batches)
+    result = evaluate_run(run, data_dir, max_batches=max_batches, device=_device())
     atomic_write_text(run / "eval.json", json.dumps(result, indent=1))
 
 
@@ -381,7 +389,7 @@ def _entropy_stage(run: Path, data_dir: Path, batches: int) -> None:
         return
     from .analysis.runs import analyse_run
 
-    result = analyse_run(run, data_dir=data_dir, batches=batches)
+    result = analyse_run(run, data_dir=data_dir, batches=batches, device=_device())
     atomic_write_text(run / "entropy.json", json.dumps(result.to_dict(), indent=1))
 
 
