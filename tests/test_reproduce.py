@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from browser import chromium, probe
-from piformer.reproduce import TIERS, Tier, reproduce, slug
+from piformer.findings import VERDICTS
+from piformer.reproduce import TIERS, RunSpec, Tier, reproduce, slug
 
 try:
     import spu  # noqa: F401
@@ -18,13 +19,15 @@ try:
 except ImportError:
     HAVE_SPU = False
 
-PRESETS = ("SM+LN+G", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)")
+PRESETS = ("SM+LN+G", "SM+ScFuFFN", "SM(t)+ScFuFFN", "EReg(SM(t)+ScFuFFN)")
 MINI = Tier(
     name="mini", note="test miniature", size="tiny",
     train={"max_steps": 12, "batch_size": 8, "micro_batch_size": 8, "eval_interval": 6, "eval_batches": 2,
-           "log_interval": 3, "checkpoint_interval": 6},
+           "log_interval": 3, "checkpoint_interval": 6, "reg_grad_interval": 6},
     data={"source": "builtin", "max_bytes": 300_000, "vocab_size": 400},
-    presets=PRESETS, secure_presets=("SM+LN+G", "SM+ScFuFFN"), secure_seq_len=8, entropy_batches=2, smoke=True,
+    presets=PRESETS, extra_seeds=(7,),
+    variants=(RunSpec("EReg(SM(t)+ScFuFFN)", variant="t=raw", model={"temperature_param": "raw"}),),
+    jobs=2, secure_presets=("SM+LN+G", "SM+ScFuFFN"), secure_seq_len=8, entropy_batches=2, smoke=True,
 )
 
 
@@ -77,6 +80,32 @@ def test_report_numbers_match_the_runs_files(study):
 
 
 @pytest.mark.skipif(not HAVE_SPU, reason="SecretFlow SPU not installed (pip install 'piformer[pi]')")
+def test_findings_open_the_report_with_a_verdict_each(study):
+    root, paths = study
+    md = paths["md"].read_text()
+    assert md.index("## Findings") < md.index("## What was run") < md.index("## Perplexity")
+    findings = json.loads(paths["results"].read_text())["findings"]
+    assert [f["id"] for f in findings] == [f"F{i}" for i in range(1, 9)]
+    for f in findings:
+        assert f["verdict"] in VERDICTS and f["criterion"] and f["why"]
+        assert f"| {f['id']} |" in md and f"{f['id']} — {f['verdict']}." in md
+
+
+def test_seeds_and_variants_are_trained_and_pooled(study):
+    root, paths = study
+    md = paths["md"].read_text()
+    manifest = json.loads((root / "reproduce.json").read_text())
+    assert len(manifest["runs"]) == 4 + 4 + 1  # presets, a second seed of each claim config, the raw-t variant
+    seeded = root / manifest["runs"]["SM+LN+G seed=7"]
+    assert json.loads((seeded / "config.json").read_text())["train"]["seed"] == 7
+    assert (seeded / "eval.json").is_file() and (seeded / "entropy.json").is_file()
+    raw = root / manifest["runs"]["EReg(SM(t)+ScFuFFN) t=raw"]
+    assert json.loads((raw / "config.json").read_text())["model"]["temperature_param"] == "raw"
+    assert "| `SM+LN+G` | 1337, 7 |" in md.split("## Seed spread")[1]
+    section = md.split("## The regulariser at work")[1]
+    assert "| `EReg(SM(t)+ScFuFFN)` |" in section and "Temperature parametrisation" in section
+
+
 def test_secure_rows_come_from_the_measured_runs(study):
     root, paths = study
     md = paths["md"].read_text()

@@ -170,6 +170,44 @@ def test_forced_divergence_is_recorded_and_keeps_last_good_checkpoint(tmp_path, 
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_update(tmp_path, data_dir, monkeypatch):
+    real_forward = PiGPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        out = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 2 * 4 + 1:  # step 5's first micro-step: finite loss, infinite gradient
+                out.loss = out.loss + _inf_grad(self.transformer.wte.weight)
+        return out
+
+    monkeypatch.setattr(PiGPT, "forward", forward)
+    mcfg, tcfg = _cfgs(checkpoint_interval=2, eval_interval=2)
+    r = train(mcfg, tcfg, data_dir, tmp_path / "run", progress=False)
+    assert r["status"] == "diverged" and r["diverged_at"] == 5 and r["last_checkpoint_step"] == 4
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["event"] == "diverged" and lines[-1]["cause"] == "gradient" and lines[-1]["loss"] is not None
+    for which in ("last", "best"):  # the update was never applied: every checkpoint is finite
+        model = load_model(tmp_path / "run", which=which)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _inf_grad(w: torch.Tensor) -> torch.Tensor:
+    """A term worth 0 in the forward whose gradient with respect to w is infinite."""
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.new_zeros(())
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.full_like(w, float("inf"))
+
+    return InfGrad.apply(w)
+
+
 def test_real_divergence_cli_exit_code(tmp_path, data_dir, capsys):
     rc = main(["train", "--preset", "SM", "--size", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "r"),
                "--quiet", "--set", "train.lr=1e4", "--set", "train.grad_clip=0", "--set", "train.warmup=0"])

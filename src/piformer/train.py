@@ -554,20 +554,23 @@ def train(
                 sums /= d.world
             loss_v, ce_v, reg_v, outside_v = sums.tolist()  # one host sync per step: needed to catch divergence now
 
-            if not math.isfinite(loss_v):
-                # A diverged run is a result: record it, keep the last good checkpoint, stop.
-                status, diverged_at = "diverged", step + 1
-                optimizer.zero_grad(set_to_none=True)
-                run.log({"step": step + 1, "event": "diverged", "loss": loss_v, "ce": ce_v, "lr": lr}, flush=True)
-                run.set_status(status="diverged", step=step + 1, diverged_at=step + 1,
-                               last_checkpoint_step=last_ckpt_step)
-                break
-
-            if train_cfg.grad_clip > 0:
+            if train_cfg.grad_clip > 0 and math.isfinite(loss_v):
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), train_cfg.grad_clip).item()
             else:
                 grad_norm = float("nan")
+            # A finite loss with a non-finite gradient would write NaN into every weight; under fp16
+            # the scaler skips such steps itself, otherwise the run has diverged here.
+            bad_grad = train_cfg.grad_clip > 0 and not scaler.is_enabled() and not math.isfinite(grad_norm)
+            if not math.isfinite(loss_v) or bad_grad:
+                # A diverged run is a result: record it, keep the last good checkpoint, stop.
+                status, diverged_at = "diverged", step + 1
+                optimizer.zero_grad(set_to_none=True)
+                run.log({"step": step + 1, "event": "diverged", "loss": loss_v, "ce": ce_v, "lr": lr,
+                         "grad_norm": grad_norm, "cause": "gradient" if math.isfinite(loss_v) else "loss"}, flush=True)
+                run.set_status(status="diverged", step=step + 1, diverged_at=step + 1,
+                               last_checkpoint_step=last_ckpt_step)
+                break
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
