@@ -115,12 +115,13 @@ TIERS: dict[str, Tier] = {
     "cpu": Tier(
         name="cpu",
         note="6-layer, 4-head, width-128 models at T=64 on the built-in corpus (Python standard library, "
-        "vocabulary 4096): CPU_STEPS steps of 32 sequences, lr 2e-3 with 5% warm-up and linear decay; the four "
-        "claim configurations with two seeds, the raw-temperature variant of EReg beside the default; "
-        "about CPU_WALL on 2 CPU cores",
+        "vocabulary 4096): 800 steps of 32 sequences (1.6M tokens), lr 2e-3 with 5% warm-up and linear decay; "
+        "every configuration, the twin SM(t)+ScFuFFN, a second seed of the four claim configurations and the "
+        "raw-temperature EReg variant (17 runs, two at a time), secure inference at T=32; under 2 hours on "
+        "2 CPU cores",
         size="cpu-small",
         model={"n_layer": 6, "n_head": 4, "n_embd": 128, "block_size": 64},
-        train={"max_steps": 600, "batch_size": 32, "micro_batch_size": 32, "lr": 2e-3, "warmup": 0.05,
+        train={"max_steps": 800, "batch_size": 32, "micro_batch_size": 32, "lr": 2e-3, "warmup": 0.05,
                "eval_interval": 100, "eval_batches": 8, "log_interval": 20, "checkpoint_interval": 100,
                "reg_grad_interval": 50},
         data={"source": "builtin", "vocab_size": 4096},
