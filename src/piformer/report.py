@@ -334,34 +334,63 @@ def _regulariser_section(doc: Document, runs: list[dict]) -> None:
         Table(["run", "penalty", "lambda x penalty / loss", "rows outside band", "grad ratio reg/CE",
                "threshold std", "t min / mean / max", "t <= 0"], rows),
     )
+    temp = temperature_comparison(runs)
+    if temp:
+        doc.add(Para(f"Temperature parametrisation, `EReg(SM(t)+ScFuFFN)`: {temp['statement']}"))
+
+
+def temperature_comparison(runs: list[dict]) -> dict[str, Any] | None:
+    """EReg with the positive temperature t = exp(s) (its default seeds) against the raw-t variant.
+
+    The rule, fixed before the study ran: raw is better only if its mean PPL is lower than the
+    positive form's by more than the positive form's seed spread; the positive form is kept
+    otherwise (within noise it wins on soundness: it cannot invert a row's attention ranking).
+    """
     groups = _groups(runs)
-    default = [r for r in groups.get(("EReg(SM(t)+ScFuFFN)", ""), []) if r["eval"]]
-    raw = [r for r in groups.get(("EReg(SM(t)+ScFuFFN)", "t=raw"), []) if r["eval"]]
-    if default and raw:
-        exp_ppl = [r["eval"]["ppl"] for r in default]
-        raw_ppl = [r["eval"]["ppl"] for r in raw]
-        spread = max(exp_ppl) - min(exp_ppl) if len(exp_ppl) > 1 else 0.0
-        diff = sum(raw_ppl) / len(raw_ppl) - sum(exp_ppl) / len(exp_ppl)
-        if diff < -spread:
-            verdict = "the raw temperature is better beyond the seed spread"
-        elif diff > spread:
-            verdict = "the positive (exp) temperature is better beyond the seed spread"
-        else:
-            verdict = "the two are within seed noise; the positive form is kept because it cannot invert a row's ranking"
-        doc.add(Para(
-            f"Temperature parametrisation, `EReg(SM(t)+ScFuFFN)`: positive t = exp(s) (the default) PPL "
-            f"{', '.join(f'{x:.2f}' for x in exp_ppl)}; raw t PPL {', '.join(f'{x:.2f}' for x in raw_ppl)} "
-            f"(difference {diff:+.2f}, seed spread {spread:.2f}): {verdict}."
-        ))
+
+    def ppl(group: list[dict]) -> list[float]:
+        return [r["eval"]["ppl"] for r in group if r["eval"] and r["status"].get("status") != "diverged"]
+
+    def nonpos(group: list[dict]) -> list[float]:
+        out = []
+        for r in group:
+            t = (r.get("regulariser") or {}).get("temperature") or {}
+            if t.get("frac_nonpos"):
+                out.append(sum(t["frac_nonpos"]) / len(t["frac_nonpos"]))
+        return out
+
+    exp_runs, raw_runs = groups.get(("EReg(SM(t)+ScFuFFN)", ""), []), groups.get(("EReg(SM(t)+ScFuFFN)", "t=raw"), [])
+    exp_ppl, raw_ppl = ppl(exp_runs), ppl(raw_runs)
+    if not exp_ppl or not raw_ppl:
+        return None
+    spread = max(exp_ppl) - min(exp_ppl) if len(exp_ppl) > 1 else 0.0
+    diff = sum(raw_ppl) / len(raw_ppl) - sum(exp_ppl) / len(exp_ppl)
+    if diff < -spread:
+        better, verdict = "raw", "the raw temperature is better beyond the seed spread"
+    elif diff > spread:
+        better, verdict = "exp", "the positive temperature is better beyond the seed spread"
+    else:
+        better, verdict = "exp", ("the two are within seed noise, so the positive form stays the default: it cannot "
+                                  "invert a row's attention ranking")
+    raw_np = nonpos(raw_runs)
+    statement = (
+        f"positive t = exp(s) (default) PPL {', '.join(f'{x:.2f}' for x in exp_ppl)}; raw t PPL "
+        f"{', '.join(f'{x:.2f}' for x in raw_ppl)} (difference {diff:+.2f}, seed spread {spread:.2f}); "
+        + (f"{raw_np[0] * 100:.1f}% of the raw run's temperatures ended at or below zero; " if raw_np else "")
+        + f"{verdict}."
+    )
+    return {"exp_ppl": exp_ppl, "raw_ppl": raw_ppl, "diff": diff, "spread": spread, "better": better,
+            "raw_frac_nonpos": raw_np, "statement": statement}
 
 
-def _what_was_run(doc: Document, res: dict[str, Any]) -> None:
+def _what_was_run(doc: Document, res: dict[str, Any], root_name: str = "RUN_ROOT") -> None:
     m, data = res["manifest"], res["data"]
     tier = m.get("tier", {})
     splits = data.get("splits", {})
     doc.add(
         Heading("What was run"),
         Table(["item", "value"], [
+            ["command", f"`piformer reproduce --tier {tier.get('name', '?')} --out {root_name}`"],
             ["tier", f"`{tier.get('name', '?')}`: {tier.get('note', '')}"],
             ["model size", f"`{tier.get('size')}` with {json.dumps(tier.get('model', {}))}"],
             ["training", json.dumps(tier.get("train", {}))],
@@ -396,8 +425,9 @@ def build(run_root: str | Path) -> dict[str, Path]:
 
     findings = evaluate_findings(res)
     res["findings"] = [f.to_dict() for f in findings]
+    res["temperature_comparison"] = temperature_comparison(res["runs"])
     doc.add(*findings_blocks(findings))
-    _what_was_run(doc, res)
+    _what_was_run(doc, res, str(run_root))
     _ppl_section(doc, res["runs"])
     _seeds_section(doc, res["runs"])
     _regulariser_section(doc, res["runs"])
