@@ -73,3 +73,13 @@ def test_every_field_is_documented():
     from dataclasses import fields
 
     assert {f.name for f in fields(ModelConfig)} == set(docs)
+
+
+def test_loss_settings_moved_to_training_and_say_so():
+    with pytest.raises(ValueError, match="use train.reg_lambda"):
+        parse_overrides(["model.reg_lambda=1e-4"])
+    assert parse_overrides(["reg_gamma=0.3", "train.reg_reduction=mean"])["train"] == {
+        "reg_gamma": "0.3", "reg_reduction": "mean"}
+    with pytest.raises(ValueError, match="reg_mode='query'"):
+        train_recipe("tiny", reg_mode="head")  # 'sum' (the default) needs the per-row form
+    assert train_recipe("tiny", reg_mode="head", reg_reduction="mean").reg_loss().mode == "head"

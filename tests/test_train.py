@@ -403,3 +403,13 @@ def test_checkpoints_written_before_the_loss_settings_moved_still_load(tmp_path)
     assert back.config.temperature_param == "raw"
     idx = torch.randint(0, old.vocab_size, (1, 8))
     torch.testing.assert_close(back(idx).logits, model(idx).logits)
+
+
+def test_tensorboard_gets_the_regulariser_and_per_layer_statistics():
+    rec = {"step": 5, "loss": 4.0, "reg": None, "reg_grad_ratio": 0.1, "grad_norm": float("nan"),
+           "threshold_stats": {"mean": [0.5, 0.6], "std": [0.01, 0.02]},
+           "temperature": {"min": [0.01, -0.002], "frac_nonpos": [0.0, 0.25]}, "head_entropy": [[1.0]]}
+    got = dict(train_mod._scalars(rec))
+    assert got["loss"] == 4.0 and got["reg_grad_ratio"] == 0.1 and "reg" not in got and "grad_norm" not in got
+    assert got["threshold_stats/std/layer_1"] == 0.02 and got["temperature/frac_nonpos/layer_1"] == 0.25
+    assert "step" not in got and not any(k.startswith("head_entropy") for k in got)

@@ -451,6 +451,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, dict[str, str]]:
                 + ", ".join([f"model.{k}" for k in sorted(model_fields)] + [f"train.{k}" for k in sorted(train_fields)])
             )
         valid = model_fields if section == "model" else train_fields
+        if section == "model" and name in _LEGACY_LOSS_FIELDS:
+            raise ValueError(f"--set {key}: the regulariser's loss settings are training settings now; use train.{name}")
         if name not in valid:
             raise ValueError(
                 f"--set {key}: unknown {section} field {name!r}; valid {section} fields: {', '.join(sorted(valid))}"

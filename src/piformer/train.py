@@ -199,9 +199,9 @@ class _Run:
         if flush:
             self._metrics.flush()
         if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self._tb.add_scalar(("val/" if record.get("event") == "eval" else "train/") + k, v, record["step"])
+            prefix = "val/" if record.get("event") == "eval" else "train/"
+            for k, v in _scalars(record):
+                self._tb.add_scalar(prefix + k, v, record["step"])
 
     def set_status(self, **fields: Any) -> None:
         if not self.enabled:
@@ -214,6 +214,21 @@ class _Run:
             self._metrics.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _scalars(record: dict[str, Any]):
+    """(name, value) for TensorBoard: the record's finite numbers, and per-layer statistics
+    (threshold_stats, temperature: {stat: [per layer]}) as 'temperature/min/layer_3'."""
+    for k, v in record.items():
+        if k in ("step", "event") or isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            yield k, v
+        elif isinstance(v, dict) and k in ("threshold_stats", "temperature"):
+            for stat, per_layer in v.items():
+                for layer, x in enumerate(per_layer):
+                    if isinstance(x, (int, float)) and math.isfinite(x):
+                        yield f"{k}/{stat}/layer_{layer}", x
 
 
 def _jsonable(x: Any) -> Any:
