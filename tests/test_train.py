@@ -413,3 +413,193 @@ def test_tensorboard_gets_the_regulariser_and_per_layer_statistics():
     assert got["loss"] == 4.0 and got["reg_grad_ratio"] == 0.1 and "reg" not in got and "grad_norm" not in got
     assert got["threshold_stats/std/layer_1"] == 0.02 and got["temperature/frac_nonpos/layer_1"] == 0.25
     assert "step" not in got and not any(k.startswith("head_entropy") for k in got)
+
+
+# ---------------------------------------------------------------------------------------
+# Resume safety: the checkpoint must be the run's, the best is not forgotten, no metrics lost
+
+
+def _interrupt_at(monkeypatch, step_index: int) -> None:
+    """Ctrl-C at the start of the update with 0-based index `step_index`."""
+    def interrupted(step, cfg):
+        if step == step_index:
+            raise KeyboardInterrupt
+        return lr_at(step, cfg)
+
+    monkeypatch.setattr(train_mod, "lr_at", interrupted)
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path, data_dir):
+    from piformer.checkpoint import save_checkpoint
+
+    mcfg, tcfg = _cfgs(max_steps=4)
+    run = tmp_path / "run"
+    train(mcfg, tcfg, data_dir, run, progress=False)
+    ours = load_model(run, which="last").config
+    stray = PiGPT(ModelConfig.from_dict({**ours.to_dict(), "n_layer": 3, "ffn_act": "relu"}))
+    save_checkpoint(run / "checkpoints" / "last", stray, load_trainer_state(run / "checkpoints" / "last"))
+    with pytest.raises(ValueError, match=r"describes a different model .*n_layer: 3 in the checkpoint, 2 in the run"
+                                         r"; ffn_act: 'relu' in the checkpoint, 'gelu' in the run"):
+        train(mcfg, train_recipe("tiny", **{**TINY_TRAIN, "max_steps": 8}), data_dir, run, resume=True, progress=False)
+
+
+def test_resume_keeps_a_best_checkpoint_newer_than_last(tmp_path, data_dir, monkeypatch):
+    # Evaluations at 2, 4, 6 and checkpoints at 4: interrupted in step 7, the best (6) is newer than last (4).
+    mcfg, tcfg = _cfgs(eval_interval=2)
+    run = tmp_path / "run"
+    _interrupt_at(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        train(mcfg, tcfg, data_dir, run, progress=False)
+    best = load_trainer_state(run / "checkpoints" / "best")
+    last = load_trainer_state(run / "checkpoints" / "last")
+    assert (last["step"], best["best_step"]) == (4, 6) and best["best_val_loss"] < last["best_val_loss"]
+    _interrupt_at(monkeypatch, 4)  # the resumed run's first update
+    with pytest.raises(KeyboardInterrupt):
+        train(mcfg, tcfg, data_dir, run, resume=True, progress=False)
+    status = json.loads((run / "status.json").read_text())
+    assert (status["best_step"], status["best_val_loss"]) == (6, best["best_val_loss"])
+    monkeypatch.setattr(train_mod, "lr_at", lr_at)
+    r = train(mcfg, tcfg, data_dir, run, resume=True, progress=False)
+    assert r["best_val_loss"] == min(_evals(run).values())
+    assert load_trainer_state(run / "checkpoints" / "best")["best_val_loss"] == r["best_val_loss"]
+
+
+def test_metrics_reach_the_file_before_each_checkpoint(tmp_path, data_dir, monkeypatch):
+    """A kill right after a checkpoint at step s must leave metrics lines 1..s on disk (a resume
+    keeps exactly those). Checkpoints at 4 and 8 fall between log flushes (every 3 steps)."""
+    from piformer import checkpoint
+
+    run = tmp_path / "run"
+    seen = {}
+    real_save = checkpoint.save_checkpoint
+
+    def save_checkpoint(ckpt_dir, model, trainer_state=None):
+        on_disk = set()
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line: what a kill here would leave
+            if "event" not in rec:
+                on_disk.add(rec["step"])
+        seen[trainer_state["step"]] = on_disk
+        return real_save(ckpt_dir, model, trainer_state)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
+    mcfg, tcfg = _cfgs(eval_interval=100)
+    train(mcfg, tcfg, data_dir, run, progress=False)
+    assert sorted(seen) == [4, 8, 12]
+    for step, steps in seen.items():
+        assert steps == set(range(1, step + 1)), step
+
+
+# ---------------------------------------------------------------------------------------
+# Files for people: modes follow the umask
+
+
+def _modes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)) + ("/" if p.is_dir() else ""): oct(p.stat().st_mode & 0o777)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_everything_written_honours_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        data = tmp_path / "data"
+        prepare("builtin", data, vocab_size=300, max_files=20, progress=False)
+        mcfg, tcfg = _cfgs(max_steps=4, eval_interval=2, checkpoint_interval=2)
+        train(mcfg, tcfg, data, tmp_path / "run", progress=False)
+        more = train_recipe("tiny", **{**TINY_TRAIN, "max_steps": 6, "eval_interval": 2, "checkpoint_interval": 2})
+        train(mcfg, more, data, tmp_path / "run", resume=True, progress=False)  # rewrites metrics.jsonl
+    finally:
+        os.umask(old)
+    modes = _modes(tmp_path)
+    assert {"data/meta.json", "data/tokenizer.json", "data/train.bin", "run/.lock", "run/metrics.jsonl",
+            "run/checkpoints/best/", "run/checkpoints/last/model.safetensors"} <= set(modes)
+    wrong = {p: m for p, m in modes.items() if m != ("0o755" if p.endswith("/") else "0o644")}
+    assert not wrong
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o027, 0o002], ids=oct)
+def test_atomic_writes_take_their_modes_from_the_umask(tmp_path, umask):
+    from piformer.checkpoint import save_checkpoint
+    from piformer.fileio import atomic_write_text, current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        atomic_write_text(tmp_path / "a" / "status.json", "{}\n")
+        save_checkpoint(tmp_path / "ck", PiGPT(ModelConfig.from_preset("SM", "tiny")), {"step": 1})
+    finally:
+        os.umask(old)
+    modes = _modes(tmp_path)
+    assert modes == {p: oct((0o777 if p.endswith("/") else 0o666) & ~umask) for p in modes}, modes
+
+
+# ---------------------------------------------------------------------------------------
+# A run directory has one writer
+
+
+def test_a_second_train_into_a_running_directory_fails_at_once(tmp_path, data_dir, monkeypatch, capsys):
+    import socket
+
+    mcfg, tcfg = _cfgs(max_steps=4)
+    run = tmp_path / "run"
+    real_lr_at = train_mod.lr_at
+    refused = []
+
+    def lr_at(step, cfg):
+        if step == 2:  # while the first run trains: a fresh start, and a --resume through the CLI
+            with pytest.raises(ValueError) as err:
+                train(mcfg, tcfg, data_dir, run, progress=False)
+            refused.append(str(err.value))
+            refused.append(main(["train", "--data", str(data_dir), "--out", str(run), "--resume", "--quiet"]))
+            refused.append(capsys.readouterr().err)
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(train_mod, "lr_at", lr_at)
+    r = train(mcfg, tcfg, data_dir, run, progress=False)
+    assert r["status"] == "finished" and r["step"] == 4  # the first run was not disturbed
+    message, rc, err = refused
+    assert f"is being trained by another process (pid {os.getpid()} on host {socket.gethostname()}" in message
+    assert rc == 2 and f"pid {os.getpid()}" in err
+    assert not (run / ".lock.holder").exists()  # released when train() returned
+    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
+    more = train_recipe("tiny", **{**TINY_TRAIN, "max_steps": 6})
+    assert train(mcfg, more, data_dir, run, resume=True, progress=False)["step"] == 6
+
+
+_HOLD_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from piformer.train import _lock_run_dir
+
+    held = _lock_run_dir(Path(sys.argv[1]))  # kept: a lock object that is collected is released
+    print("holding", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_a_lock_held_elsewhere_refuses_and_dies_with_its_holder(tmp_path, data_dir):
+    mcfg, tcfg = _cfgs(max_steps=4)
+    run = tmp_path / "run"
+    train(mcfg, tcfg, data_dir, run, progress=False)
+    script = tmp_path / "hold.py"
+    script.write_text(_HOLD_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        more = train_recipe("tiny", **{**TINY_TRAIN, "max_steps": 8})
+        for resume in (True, False):
+            with pytest.raises(ValueError, match=f"another process \\(pid {proc.pid} on host "):
+                train(mcfg, more, data_dir, run, resume=resume, progress=False)
+        os.kill(proc.pid, signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    assert json.loads((run / ".lock.holder").read_text())["pid"] == proc.pid  # stale, and harmless
+    r = train(mcfg, more, data_dir, run, resume=True, progress=False)
+    assert r["status"] == "finished" and r["step"] == 8 and not (run / ".lock.holder").exists()

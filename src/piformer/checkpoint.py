@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import fileio
 from .config import ModelConfig
 from .model import PiGPT
 
@@ -35,10 +36,11 @@ def save_checkpoint(
     """Save `model` (and optionally the trainer's state) to `ckpt_dir`, atomically."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_dir.parent.glob(f".{ckpt_dir.name}.tmp-*"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    # Temporaries left by a killed save are not removed here: another process may be writing
+    # one right now. train() clears them on start, holding the run directory's lock.
     tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.tmp-"))
     try:
+        os.chmod(tmp, fileio.dir_mode())  # mkdtemp's 0700 would survive the rename
         model = getattr(model, "module", model)  # unwrap DDP
         model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED}
@@ -46,8 +48,10 @@ def save_checkpoint(
         (tmp / CONFIG).write_text(model.config.to_json() + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
+        mode = fileio.file_mode()
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
+                os.fchmod(fh.fileno(), mode)  # safetensors writes its file 0600, whatever the umask
                 os.fsync(fh.fileno())
         old = ckpt_dir.with_name(ckpt_dir.name + ".old")
         if ckpt_dir.exists():
@@ -106,12 +110,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", which: str 
     return model.to(device).eval()
 
 
-def load_trainer_state(path: str | Path, which: str = "last") -> dict[str, Any] | None:
+def load_trainer_state(path: str | Path, which: str = "last", mmap: bool = False) -> dict[str, Any] | None:
+    """The trainer state saved with a checkpoint, or None. mmap=True maps its tensors (the
+    optimizer's moments, as large as the model twice over) instead of reading them: for callers
+    that want only the bookkeeping (step, best_val_loss)."""
     ckpt = resolve_checkpoint(path, which)
     f = ckpt / TRAINER_STATE
     if not f.is_file():
         return None
     try:
-        return torch.load(f, map_location="cpu", weights_only=False)
+        return torch.load(f, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # a truncated pickle raises a zoo of types
         raise ValueError(f"corrupt checkpoint {ckpt}: cannot read {TRAINER_STATE} ({err})") from None

@@ -160,9 +160,11 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "ModelConfig":
-        p = Path(path_or_text)
-        text = p.read_text() if p.exists() else str(path_or_text)
-        return cls.from_dict(json.loads(text))
+        """From a JSON file, or from JSON text (a str starting with '{'). Text is never tried as a
+        path: a config's JSON is longer than a file name may be, and Path.exists() raises on it."""
+        if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
+            return cls.from_dict(json.loads(path_or_text))
+        return cls.from_dict(json.loads(Path(path_or_text).read_text()))
 
 
 def parse_norm_groups(spec: str, field_name: str = "weight_norm") -> frozenset[str]:

@@ -11,6 +11,7 @@ A run directory holds:
                          stats per layer; eval lines {"event": "eval", val_loss, val_ppl}
     checkpoints/last/    model.safetensors, config.json, trainer_state.pt (atomic, see checkpoint.py)
     checkpoints/best/    the same, for the lowest validation loss so far
+    .lock, .lock.holder  held by the train() writing the run (rank 0); its pid, host and start
 
 Determinism: the batch of micro-step m at step s on rank r is a pure function of
 (seed, s, r * accum + m), and dropout is reseeded from the same numbers, so resuming from a
@@ -28,6 +29,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -36,11 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 
 from . import checkpoint as ckpt_io
 from .config import ModelConfig, TrainConfig
 from .data.shards import TokenData
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, file_mode
 from .model import PiGPT
 
 EXIT_DIVERGED = 3
@@ -208,6 +211,10 @@ class _Run:
             return
         self.status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         atomic_write_text(self.dir / "status.json", json.dumps(_jsonable(self.status), indent=1) + "\n")
+
+    def flush(self) -> None:
+        if self._metrics is not None:
+            self._metrics.flush()
 
     def close(self) -> None:
         if self._metrics is not None:
@@ -379,6 +386,71 @@ def _check_resume_compatible(saved: dict[str, Any], model_cfg: ModelConfig, fing
         raise ValueError(f"--resume with different data than the run was trained on ({', '.join(changed)} changed)")
 
 
+def _check_checkpoint_matches(ckpt: Path, model_cfg: ModelConfig, out: Path) -> None:
+    """The checkpoint a resume loads must hold the run's model: load_model builds whatever its
+    config.json describes, so a stray or copied checkpoint would silently train another model."""
+    ckpt_cfg = ckpt_io.load_config(ckpt)
+    if ckpt_cfg != model_cfg:
+        diff = [f"{f.name}: {getattr(ckpt_cfg, f.name)!r} in the checkpoint, {getattr(model_cfg, f.name)!r} in the run"
+                for f in dataclasses.fields(ModelConfig) if getattr(ckpt_cfg, f.name) != getattr(model_cfg, f.name)]
+        raise ValueError(f"--resume: {ckpt / ckpt_io.CONFIG} describes a different model than {out / 'config.json'} "
+                         f"({'; '.join(diff)}); the checkpoint does not belong to this run")
+
+
+def _best_so_far(state: dict[str, Any], best_dir: Path) -> tuple[float, int | None]:
+    """(best_val_loss, best_step) to resume with: `last`'s record, or the best checkpoint's when lower.
+
+    An evaluation between two `last` checkpoints (or a kill between the best and the last save)
+    can leave a best newer than `last` knows; forgetting it would let the resumed run overwrite
+    that checkpoint with a worse model.
+    """
+    best_val, best_step = float(state.get("best_val_loss", float("inf"))), state.get("best_step")
+    try:
+        best = ckpt_io.load_trainer_state(best_dir, mmap=True)
+    except (FileNotFoundError, ValueError):  # no best yet, or an unreadable one: nothing to keep
+        return best_val, best_step
+    if best and best.get("best_val_loss") is not None and float(best["best_val_loss"]) < best_val:
+        return float(best["best_val_loss"]), best.get("best_step")
+    return best_val, best_step
+
+
+LOCK_FILE = ".lock"
+LOCK_HOLDER = ".lock.holder"
+"""RUN_DIR/.lock is held while a train() writes the run; .lock.holder says who holds it."""
+
+
+def _lock_run_dir(out: Path) -> FileLock:
+    """Hold RUN_DIR/.lock for this process, or fail at once naming the process that holds it.
+
+    An OS lock (flock): the kernel drops it when its holder exits, however it dies (SIGKILL, a
+    lost node), so a stale lock never blocks a resume.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / LOCK_FILE), timeout=0, mode=file_mode())
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            h = json.loads((out / LOCK_HOLDER).read_text())
+            holder = f"pid {h['pid']} on host {h['host']}, since {h['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = "which one is not recorded yet"
+        raise ValueError(f"{out} is being trained by another process ({holder}); wait for it to end or stop it, "
+                         "or choose another --out") from None
+    try:
+        atomic_write_text(out / LOCK_HOLDER, json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _unlock_run_dir(out: Path, lock: FileLock) -> None:
+    (out / LOCK_HOLDER).unlink(missing_ok=True)  # first: once released, the record is the next holder's
+    lock.release()
+
+
 def train(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -397,8 +469,16 @@ def train(
 
     The model's vocab_size is taken from the data. Returns a dict with status ('finished' or
     'diverged'), step, best_val_loss, final val_loss/val_ppl, tokens_per_s and paths.
-    Raises ValueError / FileNotFoundError for bad input before doing any work.
+    Raises ValueError / FileNotFoundError for bad input before doing any work, and ValueError
+    when another process is training into `out_dir` (rank 0 holds RUN_DIR/.lock throughout).
     """
+    with contextlib.ExitStack() as held:  # releases the run directory's lock however training ends
+        return _train(held, model_cfg, train_cfg, data_dir, out_dir, resume, preset, size, progress)
+
+
+def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: str | Path,
+           out_dir: str | Path, resume: bool, preset: str | None, size: str | None,
+           progress: bool | str) -> dict[str, Any]:
     t_start = time.time()
     out = Path(out_dir)
     data = TokenData(data_dir)
@@ -422,12 +502,15 @@ def train(
     T = model_cfg.block_size
     tokens_per_step = train_cfg.batch_size * T
 
-    # -- run directory: new or resumed ------------------------------------------------------
+    # -- run directory: new or resumed, and ours until train() returns ----------------------
     last_dir = out / "checkpoints" / "last"
     state: dict[str, Any] | None = None
+    if resume and not (out / "config.json").is_file():
+        raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
+    if d.master:  # before reading the run: it must not change under us (other ranks only read)
+        lock = _lock_run_dir(out)
+        held.callback(_unlock_run_dir, out, lock)
     if resume:
-        if not (out / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
         saved = json.loads((out / "config.json").read_text())
         _check_resume_compatible(saved, model_cfg, fingerprint)
         try:
@@ -435,6 +518,7 @@ def train(
         except FileNotFoundError:
             last = None  # killed before the first checkpoint: start over in place
         if last is not None:
+            _check_checkpoint_matches(last, model_cfg, out)
             state = ckpt_io.load_trainer_state(last)
     elif (out / "config.json").is_file() or (out / "checkpoints").exists():
         raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
@@ -445,9 +529,9 @@ def train(
 
     run = _Run(out, enabled=d.master)
     if d.master:
-        out.mkdir(parents=True, exist_ok=True)
         # A kill mid-save leaves the half-written temp directory of checkpoint.save_checkpoint
-        # behind (never mistaken for a checkpoint, but litter): clear it before writing again.
+        # behind (never mistaken for a checkpoint, but litter). We hold the lock, so no other
+        # process is saving here: every temporary is stale. Clear them before writing again.
         for stale in (out / "checkpoints").glob(".*.tmp-*") if (out / "checkpoints").is_dir() else ():
             shutil.rmtree(stale, ignore_errors=True)
         run_cfg = {
@@ -478,8 +562,7 @@ def train(
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_step = last_ckpt_step = int(state["step"])
-        best_val = float(state.get("best_val_loss", float("inf")))
-        best_step = state.get("best_step")
+        best_val, best_step = _best_so_far(state, out / "checkpoints" / "best")
         _set_rng(state.get("rng"))
     if train_cfg.compile:
         model = torch.compile(model)
@@ -508,6 +591,9 @@ def train(
     def save(which: str, step: int) -> None:
         nonlocal last_ckpt_step
         if d.master:
+            # Every metrics line through `step` reaches the file first: a resume from this
+            # checkpoint keeps those lines, so a kill just after it must not lose them.
+            run.flush()
             ckpt_io.save_checkpoint(out / "checkpoints" / which, raw_model, trainer_state(step))
         if which == "last":
             last_ckpt_step = step
