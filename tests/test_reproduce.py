@@ -144,3 +144,19 @@ def test_bad_tier_and_preset_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="valid presets"):
         reproduce("quick", tmp_path, presets=["SM+XX"])
     assert set(TIERS) == {"quick", "cpu", "gpt2"}
+
+
+def test_without_spu_the_study_runs_and_says_secure_inference_was_skipped(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import piformer.reproduce as rep
+
+    monkeypatch.setattr(rep, "_spu_available", lambda: False)
+    tier = dataclasses.replace(MINI, presets=("SM+LN+G",), extra_seeds=(), variants=(), jobs=1,
+                               train={**MINI.train, "max_steps": 3, "eval_interval": 3, "checkpoint_interval": 3})
+    paths = reproduce(tier, tmp_path, secure=True)
+    assert "secure inference is skipped" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "reproduce.json").read_text())
+    assert manifest["notes"] == ["secure inference skipped: SPU not installed"]
+    assert not (tmp_path / "runs" / slug("SM+LN+G") / "pi_secure.json").exists()
+    assert "secure inference skipped: SPU not installed" in paths["md"].read_text()

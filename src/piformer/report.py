@@ -401,6 +401,7 @@ def _what_was_run(doc: Document, res: dict[str, Any], root_name: str = "RUN_ROOT
             ["machine", m.get("machine", "?")],
             ["started", m.get("started", "?")],
             ["wall time", f"{m.get('wall_s', 0) / 60:.1f} min"],
+            *([["notes", "; ".join(m["notes"])]] if m.get("notes") else []),
         ]),
     )
 

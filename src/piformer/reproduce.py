@@ -214,6 +214,13 @@ def reproduce(
             raise ValueError(f"jobs must be >= 1, got {jobs}")
         t = dataclasses.replace(t, jobs=int(jobs))
     specs = t.run_specs()
+    if secure and not _spu_available():
+        print("[reproduce] SecretFlow SPU is not installed (pip install 'piformer[pi]', Python 3.10-3.11): "
+              "secure inference is skipped; analytic PI costs are still computed", flush=True)
+        secure = False
+        manifest_note = "secure inference skipped: SPU not installed"
+    else:
+        manifest_note = None
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -230,6 +237,8 @@ def reproduce(
         "stages": old.get("stages", {}),
         "wall_s": old.get("wall_s", 0.0),
     }
+    if manifest_note:
+        manifest["notes"] = [manifest_note]
     secure_runs = [p for p in t.secure_presets if p in t.presets] if secure else []
     progress = _Progress(1 + len(specs) + len(secure_runs) + 2)
 
@@ -312,6 +321,12 @@ def reproduce(
 
 # ---------------------------------------------------------------------------------------
 # Stages. Each skips work whose output is already on disk.
+
+
+def _spu_available() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("spu") is not None
 
 
 def _worker_init(threads: int) -> None:

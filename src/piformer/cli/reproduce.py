@@ -10,8 +10,8 @@ HELP = "run the paper's study at one scale (data, training, entropy, PI cost, se
 
 def add_arguments(p) -> None:
     p.add_argument("--tier", default="quick", choices=list(TIERS),
-                   help="quick: ~15 min smoke run on 2 CPU cores; cpu: a few hours, cpu-small models; "
-                   "gpt2: the paper's scale, for a GPU")
+                   help="quick: a smoke run of tiny models, minutes on 2 CPU cores; cpu: the committed study "
+                   "(17 runs of 6-layer models, under 2 hours on 2 cores); gpt2: the paper's scale, for a GPU")
     p.add_argument("--out", required=True, help="run root: data, runs, figures and the report go here")
     p.add_argument("--data", default=None, help="a prepared data directory to use instead of the tier's corpus")
     p.add_argument("--presets", nargs="+", default=None, metavar="PRESET",
