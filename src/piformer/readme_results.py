@@ -119,7 +119,7 @@ def render(results: dict[str, Any], name: str = "cpu", root: str = "results/cpu"
     T = next((v.seq_len for v in (entropy_view(r) for r in results["runs"]) if v is not None), None)
     if T:
         lines += ["", f"Entropies in nats at T={T} (log T = {math.log(T):.3f}; a causal head attending uniformly "
-                      f"has {math.lgamma(T + 1) / T:.3f}); top band = [3/4 log T, log T]."]
+                      f"has {math.lgamma(T + 1) / T:.3f}, the causal ceiling C); top band = [3/4 C, C]."]
     reg = _regulariser_line(results)
     if reg:
         lines += ["", reg]
