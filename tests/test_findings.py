@@ -118,7 +118,7 @@ def good():
 
 
 def test_paper_like_study_reproduces_every_finding(good):
-    assert set(good) == {f"F{i}" for i in range(1, 9)}
+    assert set(good) == {f"F{i}" for i in range(1, 10)}
     for f in good.values():
         assert f.verdict == REPRODUCED, (f.id, f.why)
         assert f.claim and f.criterion and f.why and f.ours
@@ -272,7 +272,7 @@ def test_missing_entropy_file_is_not_testable():
                                                 "eval": {"ppl": "x"}, "status": None}]}])
 def test_empty_or_malformed_results_never_crash(results):
     fs = evaluate_findings(results)
-    assert [f.id for f in fs] == [f"F{i}" for i in range(1, 9)]
+    assert [f.id for f in fs] == [f"F{i}" for i in range(1, 10)]
     assert all(f.verdict == NOT_TESTABLE for f in fs)
 
 
@@ -380,3 +380,18 @@ def test_nan_perplexity_of_a_finished_run_counts_as_diverged():
 def test_baseline_of_f5_diverged_everywhere_passes_without_single_seed_caveat():
     f = _f5_with([3.21, 3.22], [None, None])
     assert f.verdict == REPRODUCED and "diverged" in f.why and "single seed" not in f.why
+
+
+def test_f9_credits_the_regulariser_only_beyond_its_twin():
+    good = by_id(study())["F9"]
+    assert good.verdict == REPRODUCED and good.numbers["regulariser_gain"] > 0
+    assert good.numbers["temperature_gain_over_SM+ScFuFFN"] == pytest.approx(1 - 3.4025 / 3.4825)
+    # the twin as good as EReg (within the seeds' spread): the gain over SM+ScFuFFN is the temperature's
+    noisy = study({"SM(t)+ScFuFFN": (HIGH, 1.8, 3.2125)})
+    for r in noisy["runs"]:  # EReg 3.10 and 3.30: mean 3.20, below the twin's 3.215, spread 0.2
+        if r["preset"] == "EReg(SM(t)+ScFuFFN)":
+            r["eval"]["ppl"] = 3.30 if r["seed"] == 1 else 3.10
+    f = by_id(noisy)["F9"]
+    assert f.verdict == NOT_REPRODUCED and "noise" in f.why and "temperature alone" in f.why
+    assert by_id(study({"SM(t)+ScFuFFN": (HIGH, 1.8, 3.10)}))["F9"].verdict == NOT_REPRODUCED
+    assert by_id(study(drop=("SM(t)+ScFuFFN",)))["F9"].verdict == NOT_TESTABLE

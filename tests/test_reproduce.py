@@ -85,7 +85,7 @@ def test_findings_open_the_report_with_a_verdict_each(study):
     md = paths["md"].read_text()
     assert md.index("## Findings") < md.index("## What was run") < md.index("## Perplexity")
     findings = json.loads(paths["results"].read_text())["findings"]
-    assert [f["id"] for f in findings] == [f"F{i}" for i in range(1, 9)]
+    assert [f["id"] for f in findings] == [f"F{i}" for i in range(1, 10)]
     for f in findings:
         assert f["verdict"] in VERDICTS and f["criterion"] and f["why"]
         assert f"| {f['id']} |" in md and f"{f['id']} — {f['verdict']}." in md

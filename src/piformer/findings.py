@@ -1,7 +1,7 @@
 """Computed verdicts on the paper's findings, from the runs of one study.
 
 `evaluate_findings(results)` takes the dict of `piformer.report.collect` and returns one
-`Finding` per claim (F1..F8): the claim, the exact rule applied to our runs, the numbers the
+`Finding` per claim (F1..F9): the claim, the exact rule applied to our runs, the numbers the
 rule used, and a verdict, one of
 
 * ``"reproduced"``: our runs satisfy the rule;
@@ -354,9 +354,12 @@ _CLAIMS = {
     "F7": "The regulariser's learned thresholds end up different across heads within a layer and across layers.",
     "F8": "Dropping nonlinearities saves private-inference communication: SM+LN+R 2.68x and SM+ScFuFFN 3.94x "
           "less than SM+LN+G at T=128.",
+    "F9": "The perplexity gain is the regulariser's: EReg(SM(t)+ScFuFFN) beats the same model without the "
+          "regulariser, SM(t)+ScFuFFN (the paper's Table 2 credits entropy regularisation).",
 }
 
 _EVIDENCE = {
+    "F9": "Table 2, Section 5; the twin is ours: the paper trains no SM(t)+ScFuFFN",
     "F1": "Figure 2 (heatmaps), Section 3",
     "F2": "Figure 2a/2d/2f, Section 3",
     "F3": "Figure 4b-4e, Tables 4-5",
@@ -387,6 +390,9 @@ _CRITERIA = {
         "seed). The mean is used rather than the top-band share because the share moves in steps of one "
         "head and is often 0 for both at small scale; the mean is what the regulariser pulls on and what "
         "Figure 7 plots. The top-band share is reported beside it."),
+    "F9": ("Mean eval perplexity over finished seeds of EReg(SM(t)+ScFuFFN) below its twin SM(t)+ScFuFFN's "
+        "(identical but for the regulariser), beyond seed spread (point estimates with one seed). F5's gain "
+        "minus this one is what the learnable temperature contributes."),
     "F5": ("Mean eval perplexity over finished seeds of EReg(SM(t)+ScFuFFN) below SM+ScFuFFN's, beyond seed "
         "spread (point estimates with one seed). A configuration all of whose seeds diverged counts as "
         "infinitely bad."),
@@ -604,6 +610,40 @@ def _f5(s: _Study) -> Finding:
     return f
 
 
+def _f9(s: _Study) -> Finding:
+    f = _new("F9")
+    er, er_div = s.ppl_pool(EREG)
+    tw, tw_div = s.ppl_pool(EREG_TWIN)
+    sc, _ = s.ppl_pool(SCFUFFN)
+    if not er.n or not tw.n:
+        raise _Missing("perplexities of both EReg(SM(t)+ScFuFFN) and its twin SM(t)+ScFuFFN (a side has no "
+                       "finished seed)")
+    c = _cmp_dict(f"{EREG_TWIN} - {EREG}", tw, er)
+    gain = 1 - er.mean / tw.mean
+    temp_gain = (1 - tw.mean / sc.mean) if sc.n else None
+    f.numbers = {"ppl": {EREG: er.to_dict(), EREG_TWIN: tw.to_dict(), SCFUFFN: sc.to_dict()},
+                 "diverged_seeds": {EREG: er_div, EREG_TWIN: tw_div}, "regulariser_gain": gain,
+                 "temperature_gain_over_SM+ScFuFFN": temp_gain, "comparison": c}
+    f.ours = (f"EReg {_pm(er)} vs twin {_pm(tw)} ({gain * 100:+.1f}%)"
+              + (f"; the temperature alone: SM+ScFuFFN {_pm(sc)} -> twin ({temp_gain * 100:+.1f}%)"
+                 if temp_gain is not None else ""))
+    f.verdict = _combine([c["outcome"]])
+    temp = (f" The learnable temperature alone accounts for {temp_gain * 100:.1f}% (SM+ScFuFFN to the twin)."
+            if temp_gain is not None else "")
+    if f.verdict == REPRODUCED:
+        f.why = (f"The regulariser lowers perplexity by {gain * 100:.1f}% over its twin"
+                 + (f", beyond the seed spread {_fmt(c['yardstick'])}." if c["yardstick"] is not None else ".")
+                 + temp + _caveat([c["outcome"]]))
+    elif c["outcome"] == "noise":
+        f.why = (f"EReg is {gain * 100:.1f}% lower than its twin, within seed noise (PPL spread "
+                 f"{_fmt(c['yardstick'])}).{temp} At this scale a gain over SM+ScFuFFN (F5) cannot be "
+                 "credited to the regulariser.")
+    else:
+        f.why = (f"EReg is not lower than its twin ({gain * 100:+.1f}%).{temp} At this scale a gain over "
+                 "SM+ScFuFFN (F5) cannot be credited to the regulariser.")
+    return f
+
+
 def _ranks(values: list[float]) -> list[float]:
     """Average ranks (1 = smallest); equal values (e.g. two diverged = inf) share their mean rank."""
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -782,11 +822,11 @@ def _f8(s: _Study) -> Finding:
 
 
 _EVALUATORS = (("F1", _f1), ("F2", _f2), ("F3", _f3), ("F4", _f4), ("F5", _f5), ("F6", _f6), ("F7", _f7),
-               ("F8", _f8))
+               ("F8", _f8), ("F9", _f9))
 
 
 def evaluate_findings(results: dict[str, Any]) -> list[Finding]:
-    """Verdicts F1..F8 from `piformer.report.collect`'s dict; never raises."""
+    """Verdicts F1..F9 from `piformer.report.collect`'s dict; never raises."""
     study = _Study(results if isinstance(results, dict) else {})
     out = []
     for fid, fn in _EVALUATORS:
