@@ -28,12 +28,15 @@ def _model(preset: str, seed: int = 0) -> PiGPT:
     m = PiGPT(ModelConfig.from_preset(preset, size="tiny")).eval()
     with torch.no_grad():  # weights of std 0.1: attention far from uniform, logits of order 1
         for name, p in m.named_parameters():
+            if "temperature" in name:
+                continue  # set below, in t whatever its parametrisation
             if p.dim() >= 2:
                 p.mul_(5.0)
-            elif "temperature" in name:
-                p.copy_(0.5 + torch.rand_like(p))
             elif "ffn_beta" in name:
                 p.fill_(0.8)
+        for b in m.transformer.h:
+            if b.attn.temperature is not None:
+                b.attn.set_temperature(0.5 + torch.rand(b.attn.temperature.shape))
     return m
 
 
