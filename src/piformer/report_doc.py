@@ -81,7 +81,7 @@ class Document:
             elif isinstance(b, Table):
                 cap = f"<caption>{_inline(b.caption)}</caption>" if b.caption else ""
                 head = "".join(f"<th>{_inline(h)}</th>" for h in b.header)
-                body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+                body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in b.rows)
                 parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             elif isinstance(b, Figure):
                 data = base64.b64encode(Path(b.path).read_bytes()).decode("ascii")
@@ -116,8 +116,14 @@ body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; max-width: 1
        padding: 0 1em; color: #222; line-height: 1.45; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+th { background: #f3f3f3; } td:first-child, th:first-child, td.text { text-align: left; }
 caption { caption-side: top; text-align: left; font-style: italic; padding-bottom: 4px; }
 figure { margin: 1.5em 0; } img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-style: italic; color: #555; } code { background: #f5f5f5; padding: 0 3px; }
 """
+
+
+def _cell(text: str) -> str:
+    """A table cell: numbers align right, prose (more than a few words) left."""
+    prose = len(str(text).split()) > 4
+    return f'<td class="text">{_inline(text)}</td>' if prose else f"<td>{_inline(text)}</td>"
