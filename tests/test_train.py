@@ -145,7 +145,8 @@ def test_run_directory_layout(tmp_path, data_dir):
     assert ev["ppl"] == pytest.approx(math.exp(ev["val_loss"])) and ev["step"] == status["best_step"]
 
 
-def test_forced_divergence_is_recorded_and_keeps_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+def _patch_training_loss(monkeypatch, change):
+    """Route the loss of every training forward through change(call_number, model, loss)."""
     real_forward = PiGPT.forward
     calls = {"n": 0}
 
@@ -153,11 +154,15 @@ def test_forced_divergence_is_recorded_and_keeps_last_good_checkpoint(tmp_path, 
         out = real_forward(self, idx, targets, **kw)
         if targets is not None and self.training:
             calls["n"] += 1
-            if calls["n"] > 2 * 6:  # 2 micro-steps per step: step 7 goes non-finite
-                out.loss = out.loss * float("nan")
+            out.loss = change(calls["n"], self, out.loss)
         return out
 
     monkeypatch.setattr(PiGPT, "forward", forward)
+
+
+def test_forced_divergence_is_recorded_and_keeps_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+    # 2 micro-steps per step: step 7 goes non-finite
+    _patch_training_loss(monkeypatch, lambda n, model, loss: loss * float("nan") if n > 2 * 6 else loss)
     mcfg, tcfg = _cfgs()
     r = train(mcfg, tcfg, data_dir, tmp_path / "run", progress=False)
     assert r["status"] == "diverged" and r["diverged_at"] == 7 and r["last_checkpoint_step"] == 4
@@ -171,18 +176,9 @@ def test_forced_divergence_is_recorded_and_keeps_last_good_checkpoint(tmp_path, 
 
 
 def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_update(tmp_path, data_dir, monkeypatch):
-    real_forward = PiGPT.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        out = real_forward(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 2 * 4 + 1:  # step 5's first micro-step: finite loss, infinite gradient
-                out.loss = out.loss + _inf_grad(self.transformer.wte.weight)
-        return out
-
-    monkeypatch.setattr(PiGPT, "forward", forward)
+    # step 5's first micro-step: a finite loss with an infinite gradient
+    _patch_training_loss(monkeypatch, lambda n, model, loss:
+                         loss + _inf_grad(model.transformer.wte.weight) if n == 2 * 4 + 1 else loss)
     mcfg, tcfg = _cfgs(checkpoint_interval=2, eval_interval=2)
     r = train(mcfg, tcfg, data_dir, tmp_path / "run", progress=False)
     assert r["status"] == "diverged" and r["diverged_at"] == 5 and r["last_checkpoint_step"] == 4
