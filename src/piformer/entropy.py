@@ -194,7 +194,8 @@ def entropy_penalty(
 
 
 @torch.no_grad()
-def outside_tolerance(entropy: torch.Tensor, thresholds: torch.Tensor, seq_len: int, gamma: float) -> float:
+def outside_tolerance(entropy: torch.Tensor, thresholds: torch.Tensor, seq_len: int, gamma: float) -> torch.Tensor:
     """Share of the penalised measurements (heads, or query rows) outside their tolerance band:
-    the share on which the regulariser currently acts. 0 means its gradient is exactly 0."""
-    return float((_gated_squared_deviation(entropy, thresholds, seq_len, gamma) > 0).float().mean())
+    the share on which the regulariser currently acts. 0 means its gradient is exactly 0.
+    A 0-d tensor on the entropies' device: reading it is left to the caller (no sync per forward)."""
+    return (_gated_squared_deviation(entropy, thresholds, seq_len, gamma) > 0).float().mean()

@@ -40,11 +40,9 @@ class ModelOutput:
     """Mean token cross-entropy, nats. Perplexity = exp(ce_loss)."""
     reg_loss: torch.Tensor | None = None
     """Unweighted entropy penalty (None when entropy_reg is off or no targets were given)."""
-    reg_outside: float | None = None
-    """Share of the penalised heads (or query rows) outside their tolerance band: where the
+    reg_outside: torch.Tensor | None = None
+    """0-d: share of the penalised heads (or query rows) outside their tolerance band, where the
     regulariser acts. 0 means its gradient is exactly 0 this step."""
-    row_entropy: torch.Tensor | None = None
-    """(L, B, H, T) entropy of every attention row, when the explicit path ran."""
     head_entropy: torch.Tensor | None = None
     """(L, H) attention entropy per head: mean over batch and query rows (Eq. 7)."""
     attentions: list[torch.Tensor] | None = None
@@ -269,7 +267,6 @@ class PiGPT(nn.Module):
         out = ModelOutput(logits=logits)
         if explicit:
             ent = torch.stack(row_entropies)  # (L, B, H, T)
-            out.row_entropy = ent
             out.head_entropy = ent.mean(dim=(1, 3))  # (L, H), Eq. 7
         if return_attention:
             out.attentions = attentions

@@ -260,7 +260,7 @@ def _pi_section(doc: Document, runs: list[dict]) -> None:
     ))
 
 
-def _groups(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+def group_by_config(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """Runs pooled by (preset, variant): the seeds of one configuration."""
     out: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
@@ -268,28 +268,36 @@ def _groups(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def finished_ppl(runs: list[dict]) -> list[float]:
+    """Perplexities of the runs that finished and were evaluated (diverged runs have none)."""
+    return [r["eval"]["ppl"] for r in runs
+            if r.get("eval") and (r.get("status") or {}).get("status") != "diverged" and r["eval"].get("ppl") is not None]
+
+
+def mean_range(xs: list[float], spec: str) -> str:
+    """'mean (min–max)' over the finite values; one value alone; '—' for none."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return format(xs[0], spec)
+    return f"{sum(xs) / len(xs):{spec}} ({min(xs):{spec}}–{max(xs):{spec}})"
+
+
 def _seeds_section(doc: Document, runs: list[dict]) -> None:
     """Mean and spread over seeds for every configuration trained with more than one."""
     from .findings import entropy_view
 
     rows = []
-    for (preset, variant), group in _groups(runs).items():
+    for (preset, variant), group in group_by_config(runs).items():
         if len(group) < 2:
             continue
-        ppl = [r["eval"]["ppl"] for r in group
-               if r["eval"] and r["status"].get("status") != "diverged" and r["eval"].get("ppl") is not None]
+        ppl = finished_ppl(group)
         views = [v for v in (entropy_view(r) for r in group) if v is not None]
-        early = [v.early_mean for v in views]
-        deep = [v.deep_mean for v in views]
-
-        def mr(xs: list[float], spec: str) -> str:
-            if not xs:
-                return "—"
-            return f"{sum(xs) / len(xs):{spec}} ({min(xs):{spec}}–{max(xs):{spec}})"
-
         rows.append([f"`{preset}{' ' + variant if variant else ''}`", ", ".join(str(r["seed"]) for r in group),
-                     mr(ppl, ".2f"), f"{max(ppl) - min(ppl):.2f}" if len(ppl) > 1 else "—",
-                     mr(early, ".3f"), mr(deep, ".3f")])
+                     mean_range(ppl, ".2f"), f"{max(ppl) - min(ppl):.2f}" if len(ppl) > 1 else "—",
+                     mean_range([v.early_mean for v in views], ".3f"),
+                     mean_range([v.deep_mean for v in views], ".3f")])
     if rows:
         doc.add(
             Heading("Seed spread"),
@@ -346,10 +354,7 @@ def temperature_comparison(runs: list[dict]) -> dict[str, Any] | None:
     positive form's by more than the positive form's seed spread; the positive form is kept
     otherwise (within noise it wins on soundness: it cannot invert a row's attention ranking).
     """
-    groups = _groups(runs)
-
-    def ppl(group: list[dict]) -> list[float]:
-        return [r["eval"]["ppl"] for r in group if r["eval"] and r["status"].get("status") != "diverged"]
+    groups = group_by_config(runs)
 
     def nonpos(group: list[dict]) -> list[float]:
         out = []
@@ -360,7 +365,7 @@ def temperature_comparison(runs: list[dict]) -> dict[str, Any] | None:
         return out
 
     exp_runs, raw_runs = groups.get(("EReg(SM(t)+ScFuFFN)", ""), []), groups.get(("EReg(SM(t)+ScFuFFN)", "t=raw"), [])
-    exp_ppl, raw_ppl = ppl(exp_runs), ppl(raw_runs)
+    exp_ppl, raw_ppl = finished_ppl(exp_runs), finished_ppl(raw_runs)
     if not exp_ppl or not raw_ppl:
         return None
     spread = max(exp_ppl) - min(exp_ppl) if len(exp_ppl) > 1 else 0.0

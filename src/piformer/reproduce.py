@@ -215,8 +215,10 @@ def reproduce(
         t = dataclasses.replace(t, jobs=int(jobs))
     specs = t.run_specs()
     if secure and not _spu_available():
-        print("[reproduce] SecretFlow SPU is not installed (pip install 'piformer[pi]', Python 3.10-3.11): "
-              "secure inference is skipped; analytic PI costs are still computed", flush=True)
+        from .pi.spu_backend import SPU_MISSING
+
+        print(f"[reproduce] {SPU_MISSING}: secure inference is skipped; analytic PI costs are still computed",
+              flush=True)
         secure = False
         manifest_note = "secure inference skipped: SPU not installed"
     else:
@@ -324,9 +326,13 @@ def reproduce(
 
 
 def _spu_available() -> bool:
-    from importlib.util import find_spec
+    from .pi.spu_backend import SPUMissingError, require_spu
 
-    return find_spec("spu") is not None
+    try:
+        require_spu()
+        return True
+    except SPUMissingError:
+        return False
 
 
 def _worker_init(threads: int) -> None:
