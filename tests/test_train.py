@@ -599,3 +599,14 @@ def test_a_lock_held_elsewhere_refuses_and_dies_with_its_holder(tmp_path, data_d
     assert json.loads((run / ".lock.holder").read_text())["pid"] == proc.pid  # stale, and harmless
     r = train(mcfg, more, data_dir, run, resume=True, progress=False)
     assert r["status"] == "finished" and r["step"] == 8 and not (run / ".lock.holder").exists()
+
+
+def test_resume_check_names_the_differing_fields_of_a_legacy_run_config():
+    """A run written before the loss settings left ModelConfig still gets a one-line refusal
+    naming the field that differs (not an AttributeError on the dropped reg_* keys)."""
+    old = ModelConfig.from_preset("EReg(SM(t)+ScFuFFN)", "tiny", temperature_param="raw").to_dict()
+    saved = {"model": {**old, "reg_lambda": 1e-5, "reg_gamma": 0.2, "reg_mode": "head"}}
+    del saved["model"]["temperature_param"]
+    now = ModelConfig.from_preset("EReg(SM(t)+ScFuFFN)", "tiny", temperature_param="raw", n_layer=3)
+    with pytest.raises(ValueError, match=r"n_layer: 2 -> 3"):
+        train_mod._check_resume_compatible(saved, now, {})

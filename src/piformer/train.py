@@ -374,11 +374,16 @@ def evaluate_run(
 # Training
 
 
+def _model_diff(a: ModelConfig, b: ModelConfig) -> list[tuple[str, Any, Any]]:
+    """(field, a's value, b's value) for every ModelConfig field where the two differ."""
+    return [(f.name, getattr(a, f.name), getattr(b, f.name))
+            for f in dataclasses.fields(ModelConfig) if getattr(a, f.name) != getattr(b, f.name)]
+
+
 def _check_resume_compatible(saved: dict[str, Any], model_cfg: ModelConfig, fingerprint: dict[str, Any]) -> None:
     saved_model = ModelConfig.from_saved(saved["model"])
     if saved_model != model_cfg:
-        diff = [f"{k}: {getattr(saved_model, k)!r} -> {getattr(model_cfg, k)!r}"
-                for k in saved["model"] if getattr(saved_model, k) != getattr(model_cfg, k)]
+        diff = [f"{k}: {a!r} -> {b!r}" for k, a, b in _model_diff(saved_model, model_cfg)]
         raise ValueError("--resume with a different model config than the run's: " + "; ".join(diff))
     old = saved.get("data", {}).get("fingerprint", {})
     changed = [k for k in ("train_sha256", "tokenizer_sha256") if old.get(k) and old[k] != fingerprint.get(k)]
@@ -391,8 +396,7 @@ def _check_checkpoint_matches(ckpt: Path, model_cfg: ModelConfig, out: Path) -> 
     config.json describes, so a stray or copied checkpoint would silently train another model."""
     ckpt_cfg = ckpt_io.load_config(ckpt)
     if ckpt_cfg != model_cfg:
-        diff = [f"{f.name}: {getattr(ckpt_cfg, f.name)!r} in the checkpoint, {getattr(model_cfg, f.name)!r} in the run"
-                for f in dataclasses.fields(ModelConfig) if getattr(ckpt_cfg, f.name) != getattr(model_cfg, f.name)]
+        diff = [f"{k}: {a!r} in the checkpoint, {b!r} in the run" for k, a, b in _model_diff(ckpt_cfg, model_cfg)]
         raise ValueError(f"--resume: {ckpt / ckpt_io.CONFIG} describes a different model than {out / 'config.json'} "
                          f"({'; '.join(diff)}); the checkpoint does not belong to this run")
 
@@ -645,7 +649,7 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
                     loss = o.loss / accum
                 scaler.scale(loss).backward()
                 reg_term = o.reg_loss.detach() if o.reg_loss is not None else torch.zeros((), device=device)
-                outside = torch.tensor(o.reg_outside or 0.0, device=device)
+                outside = o.reg_outside if o.reg_outside is not None else torch.zeros((), device=device)
                 sums += torch.stack([o.loss.detach(), o.ce_loss.detach(), reg_term.float(), outside]) / accum
                 if log_now and o.head_entropy is not None:
                     e = o.head_entropy.detach() / accum
