@@ -1,5 +1,5 @@
-"""Open an HTML file in headless Chromium and report what a reader would see: load errors and
-images that fail to decode. Used by the report tests; skipped where Chromium is not installed."""
+"""Open an HTML file in headless Chromium and report what a reader would see: load errors,
+images that fail to decode, the visible text, and tables that overflow the page. Used by the report tests; skipped where Chromium is not installed."""
 
 from __future__ import annotations
 
@@ -19,7 +19,14 @@ window.addEventListener('load', () => {
   const imgs = Array.from(document.images);
   const out = {images: imgs.length, broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
                widths: imgs.map(i => i.naturalWidth), errors: window.__errors,
-               tables: document.querySelectorAll('table').length, title: document.title};
+               tables: document.querySelectorAll('table').length, title: document.title,
+               text: document.body.innerText,
+               // tables wider than the page must sit in a box that scrolls instead of overflowing it
+               overflowing: Array.from(document.querySelectorAll('table')).filter(t => {
+                 const box = t.parentElement;
+                 const scrolls = getComputedStyle(box).overflowX === 'auto' || getComputedStyle(box).overflowX === 'scroll';
+                 return t.getBoundingClientRect().right > document.body.getBoundingClientRect().right + 1 && !scrolls;
+               }).length};
   const pre = document.createElement('pre'); pre.id = '__probe';
   pre.textContent = 'PRO' + 'BE' + JSON.stringify(out) + 'EBO' + 'RP';  // split so the source never matches
   document.body.appendChild(pre);
@@ -49,3 +56,12 @@ def probe(html_path: Path, timeout: float = 60.0) -> dict:
     m = re.search(r"PROBE(.*?)EBORP", proc.stdout, re.S)
     assert m, f"the page did not finish loading; chromium said: {proc.stderr[-2000:]}"
     return json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+# Markdown a renderer left as text: bold/strong markers, code backticks, or *emphasis* around a word.
+_RAW_MARKUP = re.compile(r"\*\*|`|(?<![\w*])\*(?=\S)[^*\n]+?(?<=\S)\*(?![\w*])")
+
+
+def raw_markup(text: str) -> list[str]:
+    """The pieces of literal Markdown markup in a page's visible text (empty when none)."""
+    return _RAW_MARKUP.findall(text)

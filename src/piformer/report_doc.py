@@ -1,5 +1,9 @@
 """A tiny document model rendered twice: Markdown (figures linked) and one self-contained HTML
 file (figures embedded as data URIs). The report builds a list of blocks; this module only renders.
+
+Text in blocks is Markdown (`code`, *emphasis*, **strong**, [links](url)). The Markdown output
+keeps it as is; the HTML output renders it with markdown-it-py, a CommonMark parser, with raw HTML
+disabled (so a `<` in a number or a path is shown, never interpreted).
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from markdown_it import MarkdownIt
+
+_MD = MarkdownIt("commonmark", {"html": False})
 
 @dataclass
 class Heading:
@@ -19,7 +26,7 @@ class Heading:
 @dataclass
 class Para:
     text: str
-    """Plain text; `code` spans in backticks are kept as code in both renderings."""
+    """Markdown: inline markup, and blank-line separated paragraphs or lists."""
 
 
 @dataclass
@@ -33,6 +40,7 @@ class Table:
 class Figure:
     path: Path
     caption: str
+    """Markdown; one sentence saying what the figure shows and what to look for."""
 
 
 @dataclass
@@ -69,25 +77,27 @@ class Document:
         parts = [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>{html.escape(self.title)}</title>",
+            f"<title>{html.escape(plain_text(self.title))}</title>",
             f"<style>{_CSS}</style></head><body>",
-            f"<h1>{html.escape(self.title)}</h1>",
+            f"<h1>{_inline(self.title)}</h1>",
         ]
         for b in self.blocks:
             if isinstance(b, Heading):
-                parts.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+                parts.append(f"<h{b.level}>{_inline(b.text)}</h{b.level}>")
             elif isinstance(b, Para):
-                parts.append(f"<p>{_inline(b.text)}</p>")
+                parts.append(_MD.render(str(b.text)).strip())
             elif isinstance(b, Table):
                 cap = f"<caption>{_inline(b.caption)}</caption>" if b.caption else ""
                 head = "".join(f"<th>{_inline(h)}</th>" for h in b.header)
                 body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in b.rows)
-                parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+                # A table wider than the page scrolls sideways in its own box instead of overflowing it.
+                parts.append(f'<div class="table-wrap"><table>{cap}<thead><tr>{head}</tr></thead>'
+                             f"<tbody>{body}</tbody></table></div>")
             elif isinstance(b, Figure):
                 data = base64.b64encode(Path(b.path).read_bytes()).decode("ascii")
                 mime = "image/svg+xml" if str(b.path).endswith(".svg") else "image/png"
                 parts.append(
-                    f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(b.caption)}">'
+                    f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(plain_text(b.caption))}">'
                     f"<figcaption>{_inline(b.caption)}</figcaption></figure>"
                 )
         parts.append("</body></html>")
@@ -99,9 +109,21 @@ def _md_cell(text: str) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escape, then render `code` spans."""
-    pieces = str(text).split("`")
-    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(pieces))
+    """One line of Markdown as HTML (no enclosing paragraph)."""
+    return _MD.renderInline(str(text))
+
+
+def plain_text(text: str) -> str:
+    """One line of Markdown as the text a reader sees, for places that take no markup
+    (the page title, an image's alt text)."""
+    out = []
+    for block in _MD.parseInline(str(text)):
+        for tok in block.children or []:
+            if tok.type in ("text", "code_inline"):
+                out.append(tok.content)
+            elif tok.type in ("softbreak", "hardbreak"):
+                out.append(" ")
+    return "".join(out)
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -114,7 +136,8 @@ def _relative(path: Path, base: Path) -> str:
 _CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; max-width: 1100px; margin: 2em auto;
        padding: 0 1em; color: #222; line-height: 1.45; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+.table-wrap { overflow-x: auto; margin: 1em 0; max-width: 100%; }
+table { border-collapse: collapse; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child, td.text { text-align: left; }
 caption { caption-side: top; text-align: left; font-style: italic; padding-bottom: 4px; }
