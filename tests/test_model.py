@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from piformer.config import ARCH_PRESETS, ModelConfig, RegLoss
-from piformer.model import PiGPT
+from piformer.model import EXPLICIT, PiGPT
 
 torch.manual_seed(0)
 
@@ -81,9 +81,9 @@ def test_temperature_divides_the_logits_per_head_and_query_position():
     x = torch.randn(1, model.config.block_size, model.config.n_embd)
     with torch.no_grad():
         attn.set_temperature(1.0)
-        _, p1, _ = attn(x, explicit=True)
+        _, p1, _ = attn(x, EXPLICIT)
         attn.set_temperature(2.0)
-        _, p2, _ = attn(x, explicit=True)
+        _, p2, _ = attn(x, EXPLICIT)
         q = attn.q_proj(x).view(1, -1, 2, 16).transpose(1, 2)
         k = attn.k_proj(x).view(1, -1, 2, 16).transpose(1, 2)
         logits = (q @ k.transpose(-1, -2)) / (2.0 * math.sqrt(16))
@@ -181,3 +181,14 @@ def test_optimizer_groups_exempt_norms_biases_and_learnables():
     assert any("ffn_alpha" in n for n in nd) and any("original0" in n for n in nd)
     assert all(not n.endswith("bias") and "ln_" not in n for n in d)
     assert any("c_fused.weight" in n for n in d)
+
+
+def test_strided_targets_such_as_a_shifted_slice_are_accepted():
+    model = tiny("EReg(SM(t)+ScFuFFN)")
+    idx, _ = batch(model.config)
+    x, y = idx[:, :-1], idx[:, 1:]  # y is a non-contiguous view: .view(-1) would raise
+    assert not y.is_contiguous()
+    out = model(x, targets=y)
+    ref = model(x.contiguous(), targets=y.contiguous())
+    torch.testing.assert_close(out.loss, ref.loss)
+    out.loss.backward()

@@ -26,8 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
+from .attention import attention_with_entropy, fused_entropy_unsupported, warn_fallback_once
 from .config import ModelConfig, RegLoss
 from .entropy import entropy_penalty, outside_tolerance, softmax_with_entropy
+
+# What each attention layer computes (PiGPT.forward picks one per call):
+FAST = "fast"  # fused SDPA: no entropies (plain training, inference)
+ENTROPY = "entropy"  # fused attention that also returns row entropies (the regulariser, measurement)
+EXPLICIT = "explicit"  # the (B, H, T, T) probabilities themselves (return_attention; the tests' oracle)
 
 
 @dataclass
@@ -96,7 +102,7 @@ class CausalSelfAttention(nn.Module):
         value = torch.broadcast_to(torch.as_tensor(t, dtype=leaf.dtype, device=leaf.device), leaf.shape)
         leaf.copy_(value.log() if leaf is not self.temperature else value)
 
-    def forward(self, x: torch.Tensor, explicit: bool):
+    def forward(self, x: torch.Tensor, mode: str = FAST):
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -104,13 +110,20 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
         if self.temperature is not None:
             # Dividing q by t[h, i] divides row i's logits by t: the same as softmax(qk / (t sqrt(D))),
-            # and it keeps the fused kernel usable.
+            # and it keeps the fused kernels usable.
             q = q / self.temperature[:, :T].to(q.dtype).unsqueeze(-1)  # (H, T, 1) broadcasts over B
         drop = self.dropout if self.training else 0.0
+        if mode == ENTROPY:
+            reason = fused_entropy_unsupported(q, drop)
+            if reason is not None:
+                warn_fallback_once(reason)
+                mode = EXPLICIT
 
-        if not explicit:
+        probs = row_ent = None
+        if mode == FAST:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-            probs = row_ent = None
+        elif mode == ENTROPY:
+            y, row_ent = attention_with_entropy(q, k, v, 1.0 / math.sqrt(D))  # (B, H, T, D), (B, H, T)
         else:
             logits = (q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)  # (B, H, T, T)
             # A finite fill (not -inf) makes masked probabilities exactly 0 with finite gradients.
@@ -163,8 +176,8 @@ class Block(nn.Module):
         else:
             self.ffn_alpha = self.ffn_beta = None
 
-    def forward(self, x: torch.Tensor, explicit: bool):
-        a, probs, row_ent = self.attn(self.ln_1(x), explicit)
+    def forward(self, x: torch.Tensor, mode: str = FAST):
+        a, probs, row_ent = self.attn(self.ln_1(x), mode)
         x = x + self.resid_drop(a)  # X_sa
         f = self.resid_drop(self.mlp(self.ln_2(x)))
         if self.ffn_alpha is not None:
@@ -251,21 +264,21 @@ class PiGPT(nn.Module):
                 f"pass at most {cfg.block_size} tokens"
             )
         regularise = cfg.entropy_reg and targets is not None
-        explicit = return_entropy or return_attention or regularise
+        need_entropy = return_entropy or return_attention or regularise
+        mode = EXPLICIT if return_attention else ENTROPY if need_entropy else FAST
 
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         attentions, row_entropies = [], []
         for block in self.transformer.h:
-            x, probs, row_ent = block(x, explicit)
-            if explicit:
-                attentions.append(probs)
-                row_entropies.append(row_ent)
+            x, probs, row_ent = block(x, mode)
+            attentions.append(probs)
+            row_entropies.append(row_ent)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
 
         out = ModelOutput(logits=logits)
-        if explicit:
+        if need_entropy:
             ent = torch.stack(row_entropies)  # (L, B, H, T)
             out.head_entropy = ent.mean(dim=(1, 3))  # (L, H), Eq. 7
         if return_attention:
@@ -274,7 +287,8 @@ class PiGPT(nn.Module):
                 out.cache[f"blocks.{l}.attn.hook_pattern"] = p
                 out.cache[f"blocks.{l}.attn.hook_entropy"] = e
         if targets is not None:
-            out.ce_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            # reshape, not view: targets may be a strided slice such as idx[:, 1:]
+            out.ce_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             out.loss = out.ce_loss
             if regularise:
                 reg = reg or RegLoss()
