@@ -465,8 +465,12 @@ def train(
     preset: str | None = None,
     size: str | None = None,
     progress: bool | str = True,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train `model_cfg` on the prepared data in `data_dir`, writing the run to `out_dir`.
+
+    init_from: a Hugging Face GPT-2 checkpoint (a directory, or a hub name in the local cache) whose
+    tensors start the new model where shapes allow (piformer.hf.init; ignored when resuming).
 
     progress: True, a progress bar; "lines", a printed line per evaluation (for runs side by side);
     False, nothing.
@@ -477,12 +481,12 @@ def train(
     when another process is training into `out_dir` (rank 0 holds RUN_DIR/.lock throughout).
     """
     with contextlib.ExitStack() as held:  # releases the run directory's lock however training ends
-        return _train(held, model_cfg, train_cfg, data_dir, out_dir, resume, preset, size, progress)
+        return _train(held, model_cfg, train_cfg, data_dir, out_dir, resume, preset, size, progress, init_from)
 
 
 def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: str | Path,
            out_dir: str | Path, resume: bool, preset: str | None, size: str | None,
-           progress: bool | str) -> dict[str, Any]:
+           progress: bool | str, init_from: str | Path | None = None) -> dict[str, Any]:
     t_start = time.time()
     out = Path(out_dir)
     data = TokenData(data_dir)
@@ -553,6 +557,10 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
         model = ckpt_io.load_model(last, device=device).train()
     else:
         model = PiGPT(model_cfg).to(device)
+        if init_from is not None:  # weights from a Hugging Face checkpoint where shapes allow
+            from .hf.init import init_from_pretrained
+
+            init_from_pretrained(model, init_from).announce(out if d.master else None)
     raw_model = model
     optimizer = torch.optim.AdamW(
         model.optim_groups(train_cfg.weight_decay), lr=train_cfg.lr,

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from checkpoints/last (its saved config; --set may change train fields)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--init-from", default=None, metavar="DIR|NAME",
+                   help="start from a Hugging Face GPT-2 checkpoint (a directory, or e.g. 'gpt2' if in the local HF "
+                        "cache): takes every tensor whose shape fits, initialises the rest, and says which")
 
 
 def build_configs(args: argparse.Namespace):
@@ -62,8 +65,14 @@ def run(args: argparse.Namespace) -> int:
     from piformer.train import EXIT_DIVERGED, train
 
     model_cfg, train_cfg, data_dir, preset, size = build_configs(args)
+    if args.init_from and args.resume:
+        raise ValueError("--init-from starts a new run; a resumed run continues from its own checkpoint (drop one)")
+    if args.init_from:
+        from piformer.hf.init import check_source
+
+        check_source(args.init_from)  # before the run directory is written
     result = train(model_cfg, train_cfg, data_dir, args.out, resume=args.resume, preset=preset, size=size,
-                   progress=not args.quiet)
+                   progress=not args.quiet, init_from=args.init_from)
     if int(os.environ.get("RANK", "0")) == 0:
         if result["status"] == "diverged":
             kept = (f"last good checkpoint (step {result['last_checkpoint_step']}) kept in {args.out}/checkpoints/last"

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
+from ..fileio import atomic_write_text
 from ..model import PiGPT
 from .gpt2 import gpt2_to_pigpt
 
@@ -53,6 +54,19 @@ class InitReport:
         return out
 
 
+    def to_dict(self) -> dict:
+        return {"source": self.source, "taken": self.taken, "initialised": self.initialised,
+                "unused": self.unused, "notes": self.notes}
+
+    def announce(self, run_dir: Path | None) -> None:
+        """Print the report and keep it as RUN_DIR/init_from.json (None: say nothing, e.g. on
+        the ranks of a DDP run other than 0)."""
+        if run_dir is None:
+            return
+        print("\n".join(self.lines()), flush=True)
+        atomic_write_text(Path(run_dir) / "init_from.json", json.dumps(self.to_dict(), indent=1) + "\n")
+
+
 def _group(names: list[str]) -> list[str]:
     """'transformer.h.{0,1,2}.ln_1.weight' style: one entry per name pattern, layers listed."""
     groups: dict[str, list[str]] = {}
@@ -81,32 +95,50 @@ def _logical_params(model: PiGPT) -> dict[str, tuple[torch.nn.Module, str]]:
     return out
 
 
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("--init-from needs the optional package 'transformers': pip install 'piformer[hf]'") from None
+    from . import PiformerConfig  # noqa: F401  (registers model_type 'piformer')
+
+    return transformers
+
+
+def check_source(source: str | Path):
+    """The source's transformers config, or a one-line error: cheap (no weights are read), so a
+    bad --init-from fails before a run directory is written."""
+    tf = _transformers()
+    p = Path(source).expanduser()
+    if not p.is_dir() and p.exists():
+        raise ValueError(f"--init-from {source}: expected a Hugging Face model directory, got a file")
+    try:
+        config = tf.AutoConfig.from_pretrained(str(p) if p.is_dir() else str(source), local_files_only=True)
+    except (OSError, ValueError) as err:
+        if p.is_dir():
+            raise FileNotFoundError(f"--init-from: {p} holds no readable Hugging Face config.json "
+                                    f"({str(err).splitlines()[0]})") from None
+        raise FileNotFoundError(
+            f"--init-from: {source!r} is neither a directory nor a model in the local Hugging Face cache; nothing is "
+            "downloaded: fetch it first (e.g. `huggingface-cli download gpt2`) or pass a local directory") from None
+    if config.model_type not in ("gpt2", "piformer"):
+        raise ValueError(f"--init-from {source}: model_type {config.model_type!r} is not supported; "
+                         "valid: a GPT-2 checkpoint (model_type 'gpt2') or a piformer export ('piformer')")
+    return config
+
+
 def load_source_state(source: str | Path) -> dict[str, torch.Tensor]:
     """A GPT-2 (or exported piformer) checkpoint's tensors under PiGPT's names and layouts.
 
     `source` is a local directory, or a hub name such as 'gpt2' that must already be in the
     local Hugging Face cache (nothing is downloaded)."""
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        raise ValueError("--init-from needs the optional package 'transformers': pip install 'piformer[hf]'") from None
-    from . import PiformerConfig  # noqa: F401  (registers model_type 'piformer')
+    from .export import _quiet_transformers
 
+    config = check_source(source)
     p = Path(source).expanduser()
-    local = p.is_dir()
-    if not local and p.exists():
-        raise ValueError(f"--init-from {source}: expected a Hugging Face model directory, got a file")
-    try:
-        config = AutoConfig.from_pretrained(str(p) if local else str(source), local_files_only=True)
-    except (OSError, ValueError) as err:
-        where = f"{p} holds no Hugging Face config.json" if local else (
-            f"{source!r} is neither a directory nor a model in the local Hugging Face cache (nothing is downloaded: "
-            "fetch it first, e.g. `huggingface-cli download gpt2`, or pass a local directory)")
-        raise FileNotFoundError(f"--init-from: {where} ({str(err).splitlines()[0]})") from None
-    if config.model_type not in ("gpt2", "piformer"):
-        raise ValueError(f"--init-from {source}: model_type {config.model_type!r} is not supported; "
-                         "valid: a GPT-2 checkpoint (model_type 'gpt2') or a piformer export ('piformer')")
-    hf = AutoModelForCausalLM.from_pretrained(str(p) if local else str(source), local_files_only=True)
+    with _quiet_transformers():
+        hf = _transformers().AutoModelForCausalLM.from_pretrained(
+            str(p) if p.is_dir() else str(source), local_files_only=True)
     state = {k: v.detach().float() for k, v in hf.state_dict().items()}
     return gpt2_to_pigpt(state) if config.model_type == "gpt2" else {k: v for k, v in state.items() if k != "lm_head.weight"}
 
