@@ -21,6 +21,7 @@ from piformer.checkpoint import load_model, load_trainer_state
 from piformer.cli import main
 from piformer.config import ModelConfig, TrainConfig, train_recipe
 from piformer.data import prepare
+from piformer.errors import RunInUseError
 from piformer.model import PiGPT
 from piformer.train import evaluate_run, lr_at, train, warmup_steps
 
@@ -546,7 +547,7 @@ def test_a_second_train_into_a_running_directory_fails_at_once(tmp_path, data_di
 
     def lr_at(step, cfg):
         if step == 2:  # while the first run trains: a fresh start, and a --resume through the CLI
-            with pytest.raises(ValueError) as err:
+            with pytest.raises(RunInUseError) as err:
                 train(mcfg, tcfg, data_dir, run, progress=False)
             refused.append(str(err.value))
             refused.append(main(["train", "--data", str(data_dir), "--out", str(run), "--resume", "--quiet"]))
@@ -558,7 +559,7 @@ def test_a_second_train_into_a_running_directory_fails_at_once(tmp_path, data_di
     assert r["status"] == "finished" and r["step"] == 4  # the first run was not disturbed
     message, rc, err = refused
     assert f"is being trained by another process (pid {os.getpid()} on host {socket.gethostname()}" in message
-    assert rc == 2 and f"pid {os.getpid()}" in err
+    assert rc == 75 and f"pid {os.getpid()}" in err  # a lost race, not bad input
     assert not (run / ".lock.holder").exists()  # released when train() returned
     monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
     more = train_recipe("tiny", **{**TINY_TRAIN, "max_steps": 6})
@@ -588,7 +589,7 @@ def test_a_lock_held_elsewhere_refuses_and_dies_with_its_holder(tmp_path, data_d
         assert proc.stdout.readline().strip() == "holding"
         more = train_recipe("tiny", **{**TINY_TRAIN, "max_steps": 8})
         for resume in (True, False):
-            with pytest.raises(ValueError, match=f"another process \\(pid {proc.pid} on host "):
+            with pytest.raises(RunInUseError, match=f"another process \\(pid {proc.pid} on host "):
                 train(mcfg, more, data_dir, run, resume=resume, progress=False)
         os.kill(proc.pid, signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
         proc.wait(timeout=30)

@@ -101,7 +101,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", which: str 
         tensors = load_file(str(ckpt / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"corrupt checkpoint {ckpt}: cannot read {WEIGHTS} ({err})") from None
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # shapes that disagree with config.json
+        sizes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise ValueError(f"checkpoint {ckpt} does not match its config.json: "
+                         f"{sizes[0] if sizes else err}" + (f" (and {len(sizes) - 1} more)" if len(sizes) > 1 else "")) from None
     missing = [k for k in missing if k != _TIED]
     if missing or unexpected:
         raise ValueError(

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -302,16 +303,31 @@ class TrainConfig:
                 "TrainConfig.reg_reduction='sum' needs reg_mode='query' (the head form penalises one "
                 "query-averaged entropy per head: nothing to sum); use reg_reduction='mean' with reg_mode='head'"
             )
-        if self.reg_gamma < 0:
+        if not self.reg_gamma >= 0:
             raise ValueError(f"TrainConfig.reg_gamma must be >= 0, got {self.reg_gamma}")
-        if self.reg_lambda < 0:
+        if not self.reg_lambda >= 0:
             raise ValueError(f"TrainConfig.reg_lambda must be >= 0, got {self.reg_lambda}")
         _check_choice("schedule", self.schedule, ("linear", "cosine"), cls="TrainConfig")
         _check_choice("dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"), cls="TrainConfig")
-        if self.max_steps <= 0:
-            raise ValueError(f"TrainConfig.max_steps must be > 0, got {self.max_steps}")
-        if self.batch_size <= 0 or self.micro_batch_size <= 0:
-            raise ValueError("TrainConfig.batch_size and micro_batch_size must be > 0")
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"), cls="TrainConfig")
+        for name in ("max_steps", "batch_size", "micro_batch_size", "eval_interval", "eval_batches",
+                     "log_interval", "checkpoint_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.reg_grad_interval < 0:
+            raise ValueError(f"TrainConfig.reg_grad_interval must be >= 0 (0 disables), got {self.reg_grad_interval}")
+        # `not x >= 0` also rejects NaN, which `x < 0` would let through.
+        for name in ("lr", "eps"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("min_lr", "warmup", "weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig.min_lr={self.min_lr} must not exceed lr={self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

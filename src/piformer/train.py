@@ -43,11 +43,41 @@ from filelock import FileLock, Timeout
 from . import checkpoint as ckpt_io
 from .config import ModelConfig, TrainConfig
 from .data.shards import TokenData
+from .errors import RunInUseError, RunTerminated
 from .fileio import atomic_write_text, file_mode
 from .model import PiGPT
 
 EXIT_DIVERGED = 3
 """CLI exit status of a run that stopped on a non-finite loss (a result, not a crash)."""
+
+
+def _ended_by(err: BaseException) -> dict[str, Any]:
+    """The status fields of a run that stopped on `err`."""
+    if isinstance(err, RunTerminated):
+        return {"status": "terminated"}
+    if isinstance(err, KeyboardInterrupt):
+        return {"status": "interrupted"}
+    return {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_run():
+    """Turn SIGTERM into RunTerminated while training (main thread only: signal handlers live there)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise RunTerminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 _clock = time.perf_counter
 """Clock for per-step timing (tokens_per_s). The throughput benchmark swaps in process CPU time
@@ -169,6 +199,8 @@ class _Run:
         self.dir = out_dir
         self.enabled = enabled
         self.status: dict[str, Any] = {}
+        self.ended = False
+        """Whether status.json already records how this attempt stopped."""
         self._metrics = None
         self._tb = None
 
@@ -211,6 +243,10 @@ class _Run:
             return
         self.status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         atomic_write_text(self.dir / "status.json", json.dumps(_jsonable(self.status), indent=1) + "\n")
+
+    def end(self, err: BaseException, **fields: Any) -> None:
+        self.set_status(**_ended_by(err), **fields)
+        self.ended = True
 
     def flush(self) -> None:
         if self._metrics is not None:
@@ -423,6 +459,21 @@ LOCK_HOLDER = ".lock.holder"
 """RUN_DIR/.lock is held while a train() writes the run; .lock.holder says who holds it."""
 
 
+def _has_checkpoint(out: Path) -> bool:
+    try:
+        ckpt_io.resolve_checkpoint(out, "last")
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _read_status(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _lock_run_dir(out: Path) -> FileLock:
     """Hold RUN_DIR/.lock for this process, or fail at once naming the process that holds it.
 
@@ -439,8 +490,8 @@ def _lock_run_dir(out: Path) -> FileLock:
             holder = f"pid {h['pid']} on host {h['host']}, since {h['since']}"
         except (OSError, ValueError, KeyError, TypeError):
             holder = "which one is not recorded yet"
-        raise ValueError(f"{out} is being trained by another process ({holder}); wait for it to end or stop it, "
-                         "or choose another --out") from None
+        raise RunInUseError(f"{out} is being trained by another process ({holder}); wait for it to end or stop it, "
+                            "or choose another --out") from None
     try:
         atomic_write_text(out / LOCK_HOLDER, json.dumps(
             {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
@@ -477,10 +528,13 @@ def train(
 
     The model's vocab_size is taken from the data. Returns a dict with status ('finished' or
     'diverged'), step, best_val_loss, final val_loss/val_ppl, tokens_per_s and paths.
-    Raises ValueError / FileNotFoundError for bad input before doing any work, and ValueError
+    Raises ValueError / FileNotFoundError for bad input before doing any work, and RunInUseError
     when another process is training into `out_dir` (rank 0 holds RUN_DIR/.lock throughout).
+    However it stops, status.json says how: finished, diverged, interrupted (Ctrl-C),
+    terminated (SIGTERM, raised here as RunTerminated) or failed (with the error).
     """
-    with contextlib.ExitStack() as held:  # releases the run directory's lock however training ends
+    # The lock is released last, after the status has recorded how the run ended.
+    with contextlib.ExitStack() as held, _sigterm_stops_the_run():
         return _train(held, model_cfg, train_cfg, data_dir, out_dir, resume, preset, size, progress, init_from)
 
 
@@ -529,13 +583,30 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
             _check_checkpoint_matches(last, model_cfg, out)
             state = ckpt_io.load_trainer_state(last)
     elif (out / "config.json").is_file() or (out / "checkpoints").exists():
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
+        if _has_checkpoint(out):
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
+        # A run that stopped before its first checkpoint (a failed start, a kill) has nothing to
+        # resume: a corrected retry starts it over. Its log is kept aside, not deleted.
+        if d.master:
+            prior = _read_status(out).get("status", "unknown")
+            if (out / "metrics.jsonl").is_file():
+                os.replace(out / "metrics.jsonl", out / "metrics.previous-attempt.jsonl")
+            print(f"{out}: starting over; the run there ended '{prior}' before its first checkpoint "
+                  "(its metrics are kept in metrics.previous-attempt.jsonl)", file=sys.stderr)
     if d.on:
         # Every rank has now read the run directory as it was; only then may rank 0 write to it
         # (otherwise a slower rank would find rank 0's fresh config.json and refuse to start).
         dist.barrier()
 
     run = _Run(out, enabled=d.master)
+
+    def record_how_it_ended(exc_type, exc, tb) -> bool:
+        if exc is not None and not run.ended:
+            run.status = run.status or _read_status(out)
+            run.end(exc)
+        return False  # the exception goes on
+
+    held.push(record_how_it_ended)  # runs before the lock is released
     if d.master:
         # A kill mid-save leaves the half-written temp directory of checkpoint.save_checkpoint
         # behind (never mistaken for a checkpoint, but litter). We hold the lock, so no other
@@ -585,10 +656,10 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
 
     run.open_metrics(start_step if resume else None, train_cfg.tensorboard)
     if resume and d.master:
-        run.status = json.loads((out / "status.json").read_text()) if (out / "status.json").is_file() else {}
+        run.status = _read_status(out)
         run.log({"step": start_step, "event": "resume", "world_size": d.world}, flush=True)
     run.set_status(status="running", step=start_step, max_steps=train_cfg.max_steps, best_val_loss=best_val,
-                   best_step=best_step, diverged_at=None, pid=os.getpid())
+                   best_step=best_step, diverged_at=None, error=None, pid=os.getpid())
 
     def trainer_state(step: int) -> dict[str, Any]:
         return {
@@ -717,8 +788,8 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
             if step % train_cfg.checkpoint_interval == 0 or step == train_cfg.max_steps:
                 save("last", step)
                 run.set_status(step=step, last_checkpoint_step=step)
-    except KeyboardInterrupt:
-        run.set_status(status="interrupted", step=step)
+    except BaseException as err:
+        run.end(err, step=step)
         raise
     finally:
         if bar is not None:

@@ -12,6 +12,8 @@ import importlib
 import pkgutil
 import sys
 
+from piformer.errors import RunInUseError, RunTerminated
+
 
 def _subcommand_modules():
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="piformer",
         description="Language models for private inference: build, train, analyse "
         "attention entropy, and price models under two-party secure inference.",
+        epilog="exit status: 0 done, 2 bad input (nothing written), 3 the run diverged (recorded), "
+               "74 I/O error, 75 the run directory is in use by another process, 130 interrupted, 143 terminated",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for module in _subcommand_modules():
@@ -36,21 +40,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BAD_INPUT = 2
+"""Bad input (a flag, a config value, a file that is missing or corrupt): one line, nothing written."""
+EXIT_IN_USE = 75
+"""A lost race: another process holds the run directory (sysexits' EX_TEMPFAIL: try again later)."""
+EXIT_IO = 74
+"""An I/O failure (disk full, permission denied): sysexits' EX_IOERR."""
+EXIT_TERMINATED = 143
+"""SIGTERM (128 + 15), recorded in the run's status.json as 'terminated'."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (128 + 2), recorded as 'interrupted'."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def fail(code: int, what: str) -> int:
+        print(f"piformer {args.command}: {what}", file=sys.stderr)
+        return code
+
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         # Bad input is reported as one line naming what was wrong, not a traceback.
-        print(f"piformer {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(EXIT_BAD_INPUT, f"error: {err}")
+    except RunInUseError as err:
+        return fail(EXIT_IN_USE, f"busy: {err}")
     except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
         sys.stderr.close()
         return 0
+    except OSError as err:
+        return fail(EXIT_IO, f"I/O error: {err}")
+    except RunTerminated:
+        return fail(EXIT_TERMINATED, "terminated (SIGTERM)")
     except KeyboardInterrupt:
-        print(f"piformer {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return fail(EXIT_INTERRUPTED, "interrupted")
 
 
 if __name__ == "__main__":

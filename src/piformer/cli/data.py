@@ -1,4 +1,4 @@
-"""`piformer data prepare|info`: build and inspect token shards."""
+"""`piformer data prepare|info|verify`: build, inspect and check token shards."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 
 NAME = "data"
-HELP = "prepare a corpus (tokenizer + token shards) or show what a data directory holds"
+HELP = "prepare a corpus (tokenizer + token shards), show what a data directory holds, or verify its shards"
 
 
 def _size(text: str) -> int:
@@ -20,7 +20,7 @@ def _size(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="data_command", metavar="<prepare|info>", required=True)
+    sub = p.add_subparsers(dest="data_command", metavar="<prepare|info|verify>", required=True)
     pr = sub.add_parser("prepare", help="tokenize a corpus into DIR (tokenizer.json, train.bin, val.bin, meta.json)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pr.add_argument("--source", default="builtin",
@@ -42,11 +42,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inf = sub.add_parser("info", help="print a prepared directory's meta.json summary")
     inf.add_argument("dir", help="prepared data directory")
     inf.add_argument("--json", action="store_true", help="print meta.json as is")
+    ver = sub.add_parser("verify", help="check every shard's sha256 against meta.json (opening a directory "
+                                        "checks sizes and hashes shards up to 64 MiB, larger ones by sampling)")
+    ver.add_argument("dir", help="prepared data directory")
+    ver.add_argument("--fast", action="store_true", help="only the check every open does (sizes and sampled hashes)")
 
 
 def run(args: argparse.Namespace) -> int:
     from piformer.data import prepare, read_meta
 
+    if args.data_command == "verify":
+        from piformer.data import TokenData
+
+        data = TokenData(args.dir, verify="fast" if args.fast else "full")  # raises on a mismatch
+        print(f"{args.dir}: train {data.n_tokens('train'):,} and val {data.n_tokens('val'):,} tokens match "
+              f"meta.json ({'sizes and sampled hashes' if args.fast else 'sha256 of every byte'})")
+        return 0
     if args.data_command == "info":
         meta = read_meta(args.dir)
         if args.json:

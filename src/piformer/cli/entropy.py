@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ._types import positive_int
+
 NAME = "entropy"
 HELP = ("measure per-head attention entropy of runs (or HF model dirs) on validation data: "
         "bands, overload/collapse diagnosis, comparison tables and figures")
@@ -33,14 +35,6 @@ def _fraction(text: str) -> float:
     return v
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,9 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", default=None,
                    help="write figures (PNG and SVG), entropy.json and entropy.txt to DIR")
     p.add_argument("--formats", default="png,svg", help="figure formats, comma-separated (png, svg, pdf)")
-    p.add_argument("--batches", type=_positive, default=8, help="validation batches per run")
-    p.add_argument("--batch-size", type=_positive, default=8, help="sequences per batch")
-    p.add_argument("--seq-len", type=_positive, default=None,
+    p.add_argument("--batches", type=positive_int, default=8, help="validation batches per run")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch")
+    p.add_argument("--seq-len", type=positive_int, default=None,
                    help="tokens per sequence T (default: the model's block_size; HF models: min(128, context))")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="which checkpoint of a run directory to analyse (falls back to the other)")

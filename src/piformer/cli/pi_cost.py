@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._types import positive_int
+
 NAME = "pi-cost"
 HELP = "count nonlinear operations, FLOPs and MACs of an architecture (the paper's Tables 2, 3, 6, 7)"
 
@@ -13,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", nargs="?", help="run/checkpoint directory or config.json (instead of --preset)")
     p.add_argument("--preset", help="architecture preset, e.g. SM+ScFuFFN (see `piformer presets`)")
     p.add_argument("--size", default="gpt2-small", help="size preset (default: gpt2-small)")
-    p.add_argument("--seq-len", type=int, help="sequence length T (default: the model's block_size)")
+    p.add_argument("--seq-len", type=positive_int, help="sequence length T (default: the model's block_size)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a ModelConfig field, e.g. --set vocab_size=16384 (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -6,6 +6,8 @@ import argparse
 import json
 import time
 
+from ._types import positive_int
+
 NAME = "pi-run"
 HELP = ("run a checkpoint under two-party secure inference (SPU): communication, messages and time "
         "per operator class, agreement with plaintext, LAN/WAN latency")
@@ -45,7 +47,7 @@ def settings_from_args(args: argparse.Namespace):
 
 def add_token_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("query tokens (default: the run's first validation tokens, else random ids)")
-    g.add_argument("--seq-len", type=int, default=None, help="number of tokens T")
+    g.add_argument("--seq-len", type=positive_int, default=None, help="number of tokens T")
     g.add_argument("--tokens", default=None, help="token ids, e.g. '12,7,99'")
     g.add_argument("--text", default=None, help="text, tokenized with the run's tokenizer")
     g.add_argument("--seed", type=int, default=0, help="seed for random token ids")

@@ -31,6 +31,43 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+VERIFY_MODES = ("fast", "full", "none")
+_SAMPLE_BLOCKS, _SAMPLE_BYTES = 64, 4096
+_FULL_HASH_UNDER = 64 << 20
+"""Shards up to this size are hashed whole on every open (a fraction of a second); larger ones
+by the sampled hash, and whole only when asked (verify='full', `piformer data verify`)."""
+
+
+def _sample_offsets(size: int) -> list[int]:
+    """Where the sampled hash reads: 64 blocks spread evenly from the first byte to the last."""
+    if size <= _SAMPLE_BLOCKS * _SAMPLE_BYTES:
+        return [0]
+    last = size - _SAMPLE_BYTES
+    return sorted({round(i * last / (_SAMPLE_BLOCKS - 1)) for i in range(_SAMPLE_BLOCKS)})
+
+
+def sample_digest(path: str | Path) -> str:
+    """sha256 over 64 blocks of 4 KiB spread over the file (the whole file when it is smaller)
+    and its size: cheap enough for every open, and it changes when any sampled byte or the
+    length does."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for off in _sample_offsets(size):
+            f.seek(off)
+            h.update(f.read(_SAMPLE_BYTES if size > _SAMPLE_BLOCKS * _SAMPLE_BYTES else size))
+    return h.hexdigest()
+
+
+def full_digest(path: str | Path) -> str:
+    """sha256 of the whole file, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class TokenWriter:
     """Append token arrays to `path` through a temp file; `commit()` moves it into place."""
 
@@ -54,7 +91,8 @@ class TokenWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.path)
-        return {"file": self.path.name, "tokens": self.n_tokens, "sha256": self._sha.hexdigest()}
+        return {"file": self.path.name, "tokens": self.n_tokens, "sha256": self._sha.hexdigest(),
+                "sample_sha256": sample_digest(self.path)}
 
     def abort(self) -> None:
         if not self._f.closed:
@@ -79,19 +117,32 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
 
 
 class TokenData:
-    """Read-only view of a prepared data directory: memmaps, vocabulary size, batches."""
+    """Read-only view of a prepared data directory: memmaps, vocabulary size, batches.
 
-    def __init__(self, data_dir: str | Path):
+    verify: how the shards are checked against meta.json on open. 'fast' (default): sizes, the
+    full sha256 of shards up to 64 MiB and the sampled hash of larger ones; 'full': every byte's
+    sha256; 'none': sizes only. Every batch is also checked for token ids outside the vocabulary.
+    """
+
+    def __init__(self, data_dir: str | Path, verify: str = "fast"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"TokenData: unknown verify mode {verify!r}; valid: {', '.join(VERIFY_MODES)}")
         self.dir = Path(data_dir).expanduser()
         self.meta = read_meta(self.dir)
-        self.vocab_size: int = int(self.meta["vocab_size"])
-        self.eot_id: int = int(self.meta["eot_id"])
-        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        try:
+            self.vocab_size: int = int(self.meta["vocab_size"])
+            self.eot_id: int = int(self.meta["eot_id"])
+            self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+            split_meta = {split: self.meta["splits"][split] for split in SPLITS}
+            tokens = {split: int(m["tokens"]) for split, m in split_meta.items()}
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{str(self.dir / 'meta.json')!r} is incomplete or malformed ({type(err).__name__}: "
+                             f"{err}); " + _PREPARE_HINT.format(dir=self.dir)) from None
         self._data: dict[str, np.memmap] = {}
         self._val_order: dict[int, np.ndarray] = {}
         for split in SPLITS:
             path = self.dir / f"{split}.bin"
-            n = int(self.meta["splits"][split]["tokens"])
+            n = tokens[split]
             if not path.is_file():
                 raise FileNotFoundError(f"{str(path)!r} is missing; " + _PREPARE_HINT.format(dir=self.dir))
             size = path.stat().st_size
@@ -101,7 +152,36 @@ class TokenData:
                     f"({n * self.dtype.itemsize} bytes): the directory is inconsistent; "
                     + _PREPARE_HINT.format(dir=self.dir)
                 )
+            self._verify(path, split_meta[split], verify)
             self._data[split] = np.memmap(path, dtype=self.dtype, mode="r")
+
+    def _verify(self, path: Path, split_meta: dict[str, Any], verify: str) -> None:
+        full = split_meta.get("sha256")
+        sample = split_meta.get("sample_sha256")
+        if verify == "none" or (full is None and sample is None):
+            return
+        if full is not None and (verify == "full" or path.stat().st_size <= _FULL_HASH_UNDER):
+            ok, what = full_digest(path) == full, "sha256"
+        elif sample is not None:
+            ok, what = sample_digest(path) == sample, "sampled hash"
+        else:
+            return  # a large legacy shard on the fast path: sizes only (`piformer data verify` hashes it)
+        if not ok:
+            raise ValueError(
+                f"{str(path)!r} is corrupted: its {what} differs from the one meta.json recorded when it was "
+                f"written; " + _PREPARE_HINT.format(dir=self.dir)
+            )
+
+    def _checked(self, buf: np.ndarray) -> np.ndarray:
+        """The batch, after checking that every id is a token of the vocabulary."""
+        top = int(buf.max()) if buf.size else 0
+        if top >= self.vocab_size:
+            raise ValueError(
+                f"{str(self.dir)!r} holds token id {top}, outside its vocabulary of {self.vocab_size} "
+                f"(meta.json): the shards do not belong to this tokenizer or are corrupted; "
+                + _PREPARE_HINT.format(dir=self.dir)
+            )
+        return buf
 
     @property
     def train(self) -> np.memmap:
@@ -170,7 +250,7 @@ class TokenData:
             windows = self.val_windows(block_size)
             idx = (np.arange(batch_size) + step * batch_size) % len(windows)
             starts = windows[idx]
-        buf = np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64)
+        buf = self._checked(np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64))
         t = torch.from_numpy(buf)
         x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
         if torch.device(device).type == "cuda":
@@ -199,5 +279,5 @@ class TokenData:
         data = self.val
         for b in range(rank, n, world_size):
             starts = windows[b * batch_size:(b + 1) * batch_size]
-            t = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64))
+            t = torch.from_numpy(self._checked(np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64)))
             yield t[:, :-1].contiguous().to(device), t[:, 1:].contiguous().to(device)
