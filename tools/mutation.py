@@ -1,0 +1,171 @@
+"""Mutation testing of the core modules with mutmut 3, one module at a time, and a score table.
+
+    tools/mutation.sh                      # every module, in priority order
+    tools/mutation.sh entropy config       # some of them
+    tools/mutation.sh --report             # the table of the last runs, without running anything
+    tools/mutation.sh --survivors model    # the diff of every mutant of `model` that survived
+
+Each module is mutated in its own scratch copy of the repository, mutants/<module>/, with the
+[tool.mutmut] section of pyproject.toml narrowed to that module and to the test files that can
+exercise it (MODULES below). Inside a module mutmut runs, for every mutant, only the tests that
+called the mutated function during a first, traced run of those files. Keeping test_train.py
+out of the selection for modules other than train and checkpoint is what makes the run
+feasible: its end-to-end tests take minutes, and every config mutant would otherwise run them.
+
+Score = killed / (killed + survived + timeout + suspicious + segfault); "no tests" (a function
+no selected test calls) counts as a survivor too, since no test would see its mistake.
+Not run in the default test suite (minutes to an hour); see docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "mutants"
+
+_FAST = ["tests/test_mutation_killers.py", "tests/test_properties.py"]
+# module -> (source file, the test files that can exercise it). Priority order.
+MODULES: dict[str, tuple[str, list[str]]] = {
+    "entropy": ("src/piformer/entropy.py", ["tests/test_entropy.py", "tests/test_model.py", *_FAST]),
+    "config": ("src/piformer/config.py", [
+        "tests/test_config.py", "tests/test_model.py", "tests/test_pi_cost.py", "tests/test_checkpoint.py", *_FAST]),
+    "model": ("src/piformer/model.py", [
+        "tests/test_model.py", "tests/test_entropy.py", "tests/test_checkpoint.py", *_FAST]),
+    "cost": ("src/piformer/pi/cost.py", ["tests/test_pi_cost.py", *_FAST]),
+    "checkpoint": ("src/piformer/checkpoint.py", ["tests/test_checkpoint.py", "tests/test_train.py", *_FAST]),
+    "train": ("src/piformer/train.py", ["tests/test_train.py", *_FAST]),
+}
+KILLED = {"killed", "caught by type check"}
+COUNTED = ("killed", "survived", "no tests", "timeout", "suspicious", "segfault")
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(x) for x in items) + "]"
+
+
+def _prepare(module: str, rev: str | None, overlay: list[str]) -> Path:
+    """A fresh scratch copy of src/, tests/ and pyproject.toml for one module: from the working
+    tree, or from commit `rev` with the working tree's `overlay` files on top."""
+    src, tests = MODULES[module]
+    work = WORK / module
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    if rev is None:
+        shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        archive = subprocess.run(["git", "archive", rev, "src", "tests"], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
+        for f in overlay:
+            shutil.copy2(ROOT / f, work / f)
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.index("[tool.mutmut]")
+    head, tool = text[:section], text[section:]
+    tool = re.sub(r"only_mutate = \[.*?\]", f"only_mutate = {_toml_list([src])}", tool, flags=re.S)
+    tool = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\]",
+                  f"pytest_add_cli_args_test_selection = {_toml_list(tests)}", tool, flags=re.S)
+    (work / "pyproject.toml").write_text(head + tool)
+    return work
+
+
+def _statuses(module: str) -> dict[str, str]:
+    """mutant name -> status, from mutmut's record of the last run."""
+    from mutmut.stats import status_by_exit_code
+
+    src, _ = MODULES[module]
+    meta = WORK / module / "mutants" / (src + ".meta")
+    if not meta.is_file():
+        return {}
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {name: status_by_exit_code[code] for name, code in codes.items()}
+
+
+def _row(module: str) -> tuple[str, dict[str, int], float | None]:
+    st = _statuses(module)
+    counts = {k: sum(1 for s in st.values() if s == k) for k in COUNTED}
+    counts["killed"] += sum(1 for s in st.values() if s == "caught by type check")
+    other = len(st) - sum(counts.values())
+    counts["not checked"] = other
+    scored = sum(counts[k] for k in COUNTED)
+    return module, counts, (counts["killed"] / scored if scored else None)
+
+
+def report(modules: list[str]) -> str:
+    cols = [*COUNTED, "not checked"]
+    lines = ["| module | mutants | " + " | ".join(cols) + " | score |",
+             "|---" * (len(cols) + 3) + "|"]
+    for m in modules:
+        _, counts, score = _row(m)
+        total = sum(counts.values())
+        if not total:
+            lines.append(f"| {m} | (not run) |" + " |" * (len(cols) + 1))
+            continue
+        shown = f"{score:.1%}" if score is not None else "-"
+        lines.append(f"| {m} | {total} | " + " | ".join(str(counts[c]) for c in cols) + f" | {shown} |")
+    return "\n".join(lines)
+
+
+def survivors(module: str) -> None:
+    work = WORK / module
+    for name, status in sorted(_statuses(module).items()):
+        if status not in KILLED:
+            print(f"## {status}: {name}")
+            subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, check=False)
+
+
+def run(module: str, jobs: int, names: list[str], rev: str | None = None, overlay: list[str] = ()) -> int:
+    work = _prepare(module, rev, list(overlay))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *names]
+    print(f"== {module}: {' '.join(cmd[1:])}  (in {work.relative_to(ROOT)})", flush=True)
+    log = work / "run.log"
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+    tail = log.read_text().splitlines()[-3:]
+    print("\n".join("   " + x[-200:] for x in tail), flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("modules", nargs="*", help=f"modules to mutate (default: all): {', '.join(MODULES)}")
+    p.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    p.add_argument("--report", action="store_true", help="print the last runs' table and stop")
+    p.add_argument("--survivors", action="store_true", help="show every surviving mutant's diff and stop")
+    p.add_argument("--only", action="append", default=[], metavar="GLOB",
+                   help="mutant names to run (fnmatch globs, e.g. 'piformer.train.x_lr_at*'); one module only")
+    p.add_argument("--rev", help="mutate commit REV's src/ and tests/ instead of the working tree's "
+                   "(while others edit the tree)")
+    p.add_argument("--overlay", action="append", default=[], metavar="FILE",
+                   help="with --rev: a working-tree file copied over the commit's (repeatable)")
+    args = p.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        p.error(f"unknown module(s) {', '.join(unknown)}; valid: {', '.join(MODULES)}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    modules = args.modules or list(MODULES)
+    if args.only and len(modules) != 1:
+        p.error("--only needs exactly one module")
+    if args.survivors:
+        for m in modules:
+            survivors(m)
+        return 0
+    if not args.report:
+        for m in modules:
+            run(m, args.jobs, args.only, args.rev, args.overlay)
+    print(report(modules))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
