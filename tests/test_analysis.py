@@ -351,7 +351,7 @@ def test_all_figures_are_written_and_non_trivial(tmp_path):
     results = _paperlike_results()
     figs = make_all_figures(results, tmp_path / "figs")
     assert set(figs) == {"heatmap", "bands", "layer_entropy", "dynamics", "thresholds", "temperatures"}
-    assert figs.skipped == {}
+    assert set(figs.skipped) == {"loss"}  # results carry no losses; run directories do
     for name, png in figs.items():
         assert png.suffix == ".png" and png.parent == tmp_path / "figs"
         svg = png.with_suffix(".svg")
@@ -470,3 +470,67 @@ def test_cli_keep_going_skips_a_run_without_checkpoint(tmp_path, capsys):
     saved = json.loads((out / "entropy.json").read_text())
     assert saved["errors"][0]["path"] == str(dead)
     assert [r.name for r in load_results(out)] == ["SM+LN+G"]
+
+
+# ---------------------------------------------------------------------------------------
+# figures for many runs, loss curves, temperatures at or below zero
+
+
+def test_run_styles_tell_twenty_runs_apart():
+    from piformer.analysis.figures import run_styles
+
+    styles = run_styles(22)
+    first20 = [(tuple(s["color"]), s["marker"]) for s in styles[:20]]
+    assert len({c for c, _ in first20}) == 20  # 20 distinct colours
+    assert all(a[1] != b[1] for a, b in zip(first20, first20[1:]))  # neighbours differ in marker too
+    assert styles[20]["linestyle"] == "--" and styles[0]["linestyle"] == "-"  # past 20: dashed
+
+
+def test_loss_curves_are_read_from_metrics_and_drawn(tmp_path):
+    from piformer.analysis.curves import read_loss_curve
+
+    data = make_data(tmp_path)
+    run, _ = make_run(tmp_path, "a", "SM+LN+G", data, steps=(5, 10, 15, 20))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"] = {"batch_size": 4}
+    (run / "config.json").write_text(json.dumps(cfg))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 10, "event": "eval", "val_loss": 3.5, "val_ppl": 33.1}) + "\n")
+        f.write(json.dumps({"step": 20, "event": "eval", "val_loss": 3.25, "val_ppl": 25.8}) + "\n")
+        f.write(json.dumps({"step": 20, "loss": 3.0}) + "\n")  # a resumed run re-logs step 20: the last wins
+    curve = read_loss_curve(run, "mine")
+    assert curve.name == "mine" and list(curve.steps) == list(range(1, 21))
+    assert curve.loss[-1] == 3.0 and curve.loss[0] == 4.0
+    assert list(curve.val_steps) == [10, 20] and list(curve.val_loss) == [3.5, 3.25]
+    assert curve.tokens_per_step == 4 * 32 and curve.tokens(curve.val_steps)[-1] == 20 * 128
+    assert read_loss_curve(tmp_path / "nothing") is None
+
+    save_result(analyse_run(run, batches=1), run)
+    figs = make_all_figures([run], tmp_path / "figs", formats=["png"])
+    assert figs["loss"].name == "loss_curves.png"
+    _assert_real_png(figs["loss"])
+    # results alone carry no losses: the figure is skipped, saying why
+    figs = make_all_figures([synthetic()], tmp_path / "figs2", formats=["png"])
+    assert "metrics.jsonl" in figs.skipped["loss"]
+
+
+def test_negative_temperatures_are_named_for_the_figures_note(tmp_path):
+    from piformer.analysis.figures import nonpositive_temperature_runs, plot_temperatures
+
+    rng = np.random.default_rng(0)
+    pos = synthetic("exp", temperature=temperature_stats(np.exp(rng.normal(-3, 0.5, (4, 4, 16)))))
+    raw = synthetic("raw", temperature=temperature_stats(rng.normal(0.01, 0.05, (4, 4, 16))))
+    assert nonpositive_temperature_runs([pos, raw]) == ["raw"]
+    assert nonpositive_temperature_runs([pos]) == []
+    (png,) = plot_temperatures([pos, raw], tmp_path, formats=["png"])
+    _assert_real_png(png)
+
+
+def test_heatmap_of_seventeen_runs_stays_a_page_wide(tmp_path):
+    import matplotlib.image as mpimg
+
+    results = [synthetic(f"run {i}", L=6, H=4, T=64, seed=i) for i in range(17)]
+    figs = make_all_figures(results, tmp_path, formats=["png"], only=["heatmap", "bands", "layer_entropy"])
+    h, w = mpimg.imread(figs["heatmap"]).shape[:2]
+    assert w <= 14 * 150 and h > w  # more rows, not narrower panels
+    assert mpimg.imread(figs["bands"]).shape[1] <= 12 * 150

@@ -130,6 +130,12 @@ def _ppl_section(doc: Document, runs: list[dict]) -> None:
         ))
 
 
+def _loss_section(doc: Document, figures: dict[str, str], root: Path) -> None:
+    path = figures.get("loss")
+    if path and (root / path).is_file():
+        doc.add(Heading("Training"), Figure(root / path, FIGURE_CAPTIONS["loss"]))
+
+
 def _entropy_section(doc: Document, runs: list[dict], figures: dict[str, str], root: Path) -> None:
     doc.add(Heading("Attention entropy (paper Figures 2, 4, 5, 7)"))
     rows = []
@@ -163,18 +169,48 @@ def _entropy_section(doc: Document, runs: list[dict], figures: dict[str, str], r
             ),
             Para(f"Diagnosis criteria: {crit}"),
         )
-    captions = {
-        "layer": "Mean, min and max head entropy per layer, each run a line.",
-        "heatmap": "Head-entropy heatmaps (layers x heads), one shared colour scale (Figures 2, 4).",
-        "bands": "Fraction of heads per entropy band, one bar group per run (Figure 2a).",
-        "dynamics": "Mean attention entropy per layer during training (Figure 7).",
-        "thresholds": "Learned threshold weights of the entropy regulariser, per layer and head (Figure 5).",
-        "temperatures": "Learned softmax temperatures per layer: mean and spread over heads and positions.",
-    }
-    for key in [*captions, *sorted(set(figures) - set(captions))]:
+    for key in [k for k in [*FIGURE_CAPTIONS, *sorted(set(figures) - set(FIGURE_CAPTIONS))] if k != "loss"]:
         path = figures.get(key)
         if path and (root / path).is_file():
-            doc.add(Figure(root / path, captions.get(key, key.replace("_", " ").capitalize() + ".")))
+            caption = FIGURE_CAPTIONS.get(key, key.replace("_", " ").capitalize() + ".")
+            if key == "temperatures":
+                caption += _nonpositive_note(runs)
+            doc.add(Figure(root / path, caption))
+
+
+FIGURE_CAPTIONS = {
+    "loss": "Training loss (moving mean) and validation loss against training tokens, one line per run: "
+            "where curves still fall at the end, longer training could reorder the configurations.",
+    "heatmap": "Per-head attention entropy, layers x heads, one panel per run on one colour scale "
+               "(Figures 2, 4): bright early layers are entropic overload, dark deep layers entropy "
+               "collapse; the diagnosis colours the layer labels red and blue.",
+    "bands": "Share of heads in each entropy band, one bar group per run (Figure 2a): compare the top "
+             "band's share between configurations with and without LayerNorm.",
+    "layer_entropy": "Mean head entropy per layer, one line per run: a line near the dotted ceiling means "
+                     "that layer's heads attend almost uniformly over the context.",
+    "dynamics": "Mean attention entropy of each layer over training (Figure 7): whether a layer's entropy "
+                "settles early or keeps drifting.",
+    "thresholds": "The regulariser's learned thresholds per layer and head (Figure 5): a spread within a "
+                  "layer means its heads learned different entropy targets.",
+    "temperatures": "Learned softmax temperatures per layer, mean and spread over heads and positions: "
+                    "how far each layer moved from its initial temperature.",
+}
+"""Figure name (`piformer.analysis.figures.FIGURES`) -> its caption: what it shows and what to look for."""
+
+
+def _nonpositive_note(runs: list[dict]) -> str:
+    """A sentence naming the runs whose learned temperatures reached zero or below, if any."""
+    hit = []
+    for r in runs:
+        t = (r.get("regulariser") or {}).get("temperature") or {}
+        share = t.get("frac_nonpos") or []
+        if share and max(share) > 0:
+            hit.append(f"`{r['label']}` ({sum(share) / len(share) * 100:.1f}% of its temperatures)")
+    if not hit:
+        return ""
+    return (" Temperatures at or below zero, in " + ", ".join(hit) + ", come from the 'raw' parametrisation "
+            "(`model.temperature_param=raw`), which lets t cross zero and so invert a row's attention ranking; "
+            "the default t = exp(s) stays positive.")
 
 
 def _pi_section(doc: Document, runs: list[dict]) -> None:
@@ -389,16 +425,22 @@ def temperature_comparison(runs: list[dict]) -> dict[str, Any] | None:
 
 
 def _what_was_run(doc: Document, res: dict[str, Any], root_name: str = "RUN_ROOT") -> None:
+    from .config import ModelConfig, TrainConfig, field_docs
+
     m, data = res["manifest"], res["data"]
     tier = m.get("tier", {})
     splits = data.get("splits", {})
+    docs = {"model": field_docs(ModelConfig), "train": field_docs(TrainConfig)}
+    settings = [
+        [f"`{section}.{k}`", str(v), docs[section].get(k, "")]
+        for section in ("model", "train") for k, v in (tier.get(section) or {}).items()
+    ]
     doc.add(
         Heading("What was run"),
         Table(["item", "value"], [
             ["command", f"`piformer reproduce --tier {tier.get('name', '?')} --out {root_name}`"],
             ["tier", f"`{tier.get('name', '?')}`: {tier.get('note', '')}"],
-            ["model size", f"`{tier.get('size')}` with {json.dumps(tier.get('model', {}))}"],
-            ["training", json.dumps(tier.get("train", {}))],
+            ["model size", f"`{tier.get('size')}` (`piformer presets` lists it), with the settings below"],
             ["data", f"{data.get('source', '?')} — train {splits.get('train', {}).get('tokens', '?')} tokens, "
                      f"val {splits.get('val', {}).get('tokens', '?')} tokens, vocabulary {data.get('vocab_size', '?')}, "
                      f"{len(data.get('manifest', data.get('files', [])) or [])} files (manifest: `data/meta.json`)"],
@@ -409,13 +451,36 @@ def _what_was_run(doc: Document, res: dict[str, Any], root_name: str = "RUN_ROOT
             *([["notes", "; ".join(m["notes"])]] if m.get("notes") else []),
         ]),
     )
+    if settings:
+        doc.add(Table(["setting", "value", "meaning"], settings,
+                      caption="The tier's settings, on top of the size preset's and shared by every run "
+                              "(`piformer presets --fields` lists every field)."))
 
 
-def build(run_root: str | Path) -> dict[str, Path]:
-    """Write RUN_ROOT/report.md, report.html and results.json; return their paths."""
+def draw_figures(run_root: str | Path) -> dict[str, str]:
+    """Redraw RUN_ROOT/figures from the runs' saved files (entropy.json, metrics.jsonl; no model is
+    loaded); ``{name: png path relative to RUN_ROOT}``."""
+    from .analysis.figures import make_all_figures
+
+    root = Path(run_root)
+    manifest = _read(root / "reproduce.json") or {}
+    runs = [root / rel for rel in manifest.get("runs", {}).values() if (root / rel / "entropy.json").is_file()]
+    if not runs:
+        return {}
+    paths = make_all_figures(runs, root / "figures")
+    return {k: str(Path(v).resolve().relative_to(root.resolve())) for k, v in paths.items()}
+
+
+def build(run_root: str | Path, figures: dict[str, str] | None = None) -> dict[str, Path]:
+    """Write RUN_ROOT/report.md, report.html and results.json; return their paths.
+
+    figures: ``{name: path relative to RUN_ROOT}`` to show; default: those reproduce.json lists.
+    """
     root = Path(run_root)
     res = collect(root)
     m = res["manifest"]
+    figures = m.get("figures", {}) if figures is None else figures
+    res["figures"] = figures
     tier = m.get("tier", {})
     doc = Document(f"piformer report — tier `{tier.get('name', '?')}`")
     doc.add(Para(
@@ -437,7 +502,8 @@ def build(run_root: str | Path) -> dict[str, Path]:
     _ppl_section(doc, res["runs"])
     _seeds_section(doc, res["runs"])
     _regulariser_section(doc, res["runs"])
-    _entropy_section(doc, res["runs"], m.get("figures", {}), root)
+    _loss_section(doc, figures, root)
+    _entropy_section(doc, res["runs"], figures, root)
     _pi_section(doc, res["runs"])
     paths = {"md": root / "report.md", "html": root / "report.html", "results": root / "results.json"}
     atomic_write_text(paths["md"], doc.to_markdown(root))
