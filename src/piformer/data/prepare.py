@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..fileio import atomic_write_text
 from .shards import SPLITS, TokenWriter, token_dtype
 from .sources import Corpus, open_corpus
-from .tokenizer import EOT, default_vocab_size, eot_id, load_tokenizer, train_tokenizer
+from .tokenizer import EOT, check_vocab_size, default_vocab_size, eot_id, load_tokenizer, train_tokenizer
 
 META_VERSION = 1
 
@@ -62,6 +62,8 @@ def prepare(
     """
     if vocab_size is not None and tokenizer is not None:
         raise ValueError("give either vocab_size (train a new tokenizer) or tokenizer (reuse one), not both")
+    if vocab_size is not None:
+        check_vocab_size(vocab_size)  # before anything is written
     t0 = time.time()
     corpus: Corpus = open_corpus(
         source, val_fraction=val_fraction, max_files=max_files, max_bytes=max_bytes,

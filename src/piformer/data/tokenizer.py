@@ -29,10 +29,14 @@ def default_vocab_size(n_bytes: int) -> int:
     return 16384
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Train a byte-level BPE with `vocab_size` entries (including the 256 bytes and EOT)."""
+def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < 257 + 1:
         raise ValueError(f"vocab_size must be >= 258 (256 bytes + EOT + one merge), got {vocab_size}")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` entries (including the 256 bytes and EOT)."""
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
