@@ -67,3 +67,47 @@ def test_html_renders_in_a_real_browser(tmp_path):
     assert raw_markup(seen["text"]) == [], seen["text"]
     assert "Smoke view." in seen["text"] and "column number 39" in seen["text"]
     assert seen["overflowing"] == 0  # the 40-column table scrolls in its box
+
+
+# ---------------------------------------------------------------------------------------
+# the committed cpu study's report, rebuilt from its run files
+
+
+@pytest.fixture(scope="module")
+def cpu_report(tmp_path_factory):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from piformer.report import build
+
+    repo = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "results/cpu"], cwd=repo, capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("results/cpu is not in this checkout")
+    root = tmp_path_factory.mktemp("cpu")
+    for rel in files:
+        dst = root / Path(rel).relative_to("results/cpu")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(repo / rel, dst)
+    figures = {p.stem: f"figures/{p.name}" for p in (root / "figures").glob("*.png")}
+    return build(root, figures={"loss": figures["loss_curves"], "heatmap": figures["entropy_heatmap"],
+                                "temperatures": figures["temperatures"]})
+
+
+def test_cpu_report_what_was_run_is_a_table_not_json(cpu_report):
+    md = cpu_report["md"].read_text()
+    section = md[md.index("## What was run"):md.index("## Perplexity")]
+    assert "{" not in section and "| `train.max_steps` | 800 | Optimizer steps to train for. |" in section
+    assert "## Training" in md and "](figures/loss_curves.png)" in md
+    # the raw-temperature run's negative temperatures are explained beside the figure
+    assert "t=raw` (" in md and "lets t cross zero" in md
+
+
+@pytest.mark.skipif(chromium() is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_cpu_report_in_a_real_browser_shows_no_markup(cpu_report):
+    seen = probe(cpu_report["html"])
+    assert seen["errors"] == [] and seen["broken"] == [] and seen["images"] == 3
+    assert raw_markup(seen["text"]) == []
+    assert seen["overflowing"] == 0 and seen["tables"] >= 8
+    assert "train.max_steps" in seen["text"] and "Temperatures at or below zero" in seen["text"]

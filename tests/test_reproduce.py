@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import chromium, probe
+from browser import chromium, probe, raw_markup
 from piformer.findings import VERDICTS
 from piformer.reproduce import TIERS, RunSpec, Tier, reproduce, slug
 
@@ -51,7 +51,7 @@ def test_report_has_every_table_and_figure(study):
     if HAVE_SPU:
         assert "### Secure two-party inference, measured (SPU)" in md and "WAN total s" in md
     figures = json.loads((root / "reproduce.json").read_text())["figures"]
-    assert set(figures) >= {"heatmap", "bands", "dynamics", "thresholds", "temperatures"}
+    assert set(figures) >= {"heatmap", "bands", "dynamics", "thresholds", "temperatures", "loss"}
     for rel in figures.values():
         assert (root / rel).stat().st_size > 5000
         assert f"]({rel})" in md
@@ -136,6 +136,7 @@ def test_report_renders_in_a_real_browser(study):
     assert seen["errors"] == [], seen["errors"]
     assert seen["broken"] == [] and seen["images"] >= 5
     assert min(seen["widths"]) > 200 and seen["tables"] >= 4
+    assert raw_markup(seen["text"]) == [] and seen["overflowing"] == 0  # no literal Markdown; wide tables scroll
 
 
 def test_bad_tier_and_preset_are_rejected(tmp_path):
