@@ -366,44 +366,12 @@ def evaluate(
             "val_tokens": int(total[1].item())}
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    data_dir: str | Path | None = None,
-    which: str = "best",
-    max_batches: int | None = None,
-    batch_size: int = 16,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Load a run's checkpoint (best, else last) and score it on the whole val split of its data.
+def evaluate_run(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Score a run's checkpoint on its data's val split: moved to `piformer.evaluate.evaluate_run`
+    (which also scores HF models and text files); this name stays for existing imports."""
+    from .evaluate import evaluate_run as _evaluate_run
 
-    `data_dir` defaults to the one recorded in RUN_DIR/config.json; its tokenizer must be the
-    run's (a different vocabulary or tokenizer would make the perplexity meaningless).
-    """
-    run_dir = Path(run_dir)
-    ckpt = ckpt_io.resolve_checkpoint(run_dir, which)
-    run_cfg_path = run_dir / "config.json"
-    run_cfg = json.loads(run_cfg_path.read_text()) if run_cfg_path.is_file() and (run_dir / "checkpoints").is_dir() else {}
-    if data_dir is None:
-        data_dir = run_cfg.get("data", {}).get("dir")
-        if data_dir is None:
-            raise ValueError(f"{run_dir} records no data directory; pass --data DIR")
-    data = TokenData(data_dir)
-    model = ckpt_io.load_model(ckpt, device=device)
-    if model.config.vocab_size != data.vocab_size:
-        raise ValueError(
-            f"{data.dir} has vocab_size {data.vocab_size} but the model in {ckpt} has {model.config.vocab_size}: "
-            "evaluate on data prepared with the run's tokenizer"
-        )
-    recorded = run_cfg.get("data", {}).get("fingerprint", {}).get("tokenizer_sha256")
-    if recorded and recorded != _fingerprint(data)["tokenizer_sha256"]:
-        raise ValueError(f"{data.dir} was tokenized with a different tokenizer than the run {run_dir} was trained on")
-    data.check_block_size(model.config.block_size)
-    state = ckpt_io.load_trainer_state(ckpt) if (ckpt / ckpt_io.TRAINER_STATE).is_file() else None
-    result = evaluate(model, data, batch_size, max_batches, device)
-    return {
-        "val_loss": result["val_loss"], "ppl": result["val_ppl"], "val_tokens": result["val_tokens"],
-        "checkpoint": str(ckpt), "step": state.get("step") if state else None, "data_dir": str(data.dir),
-    }
+    return _evaluate_run(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------

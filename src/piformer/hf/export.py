@@ -23,6 +23,7 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..config import ModelConfig
 from ..data.tokenizer import EOT, load_tokenizer
+from ..evaluate import run_tokenizer_path
 from ..model import PiGPT
 from .gpt2 import gpt2_config_kwargs, gpt2_incompatibilities, pigpt_to_gpt2
 
@@ -48,18 +49,6 @@ class ExportResult:
     """Tensors that only shape training (the entropy regulariser's thresholds)."""
 
 
-def _run_tokenizer(path: Path) -> Path | None:
-    """tokenizer.json of the data a run (or a checkpoint inside one) was trained on."""
-    for run_dir in (path, path.parent.parent):
-        cfg = run_dir / "config.json"
-        if not (run_dir / "checkpoints").is_dir() or not cfg.is_file():
-            continue
-        data_dir = (json.loads(cfg.read_text()).get("data") or {}).get("dir")
-        if data_dir and (Path(data_dir) / "tokenizer.json").is_file():
-            return Path(data_dir) / "tokenizer.json"
-    return None
-
-
 def hf_tokenizer(tokenizer_json: str | Path, max_length: int):
     """The piformer tokenizer as a transformers PreTrainedTokenizerFast (EOT is bos, eos and pad)."""
     from transformers import PreTrainedTokenizerFast
@@ -79,7 +68,7 @@ def _portable_tokenizer_class(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """No progress bar from save_pretrained: the CLI prints its own summary."""
     from transformers.utils import logging as hf_logging
 
@@ -169,7 +158,7 @@ def export_hf(source: str | Path, out: str | Path, which: str = "best", format: 
     ckpt = ckpt_io.resolve_checkpoint(source, which)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ValueError(f"{out} already exists and is not empty; choose another --out or pass --force")
-    tok_path = Path(tokenizer) if tokenizer is not None else _run_tokenizer(source)
+    tok_path = Path(tokenizer) if tokenizer is not None else run_tokenizer_path(source, which)
     tok = load_tokenizer(tok_path) if tok_path is not None else None
     if tok_path is not None and tok_path.is_dir():
         tok_path = tok_path / "tokenizer.json"
@@ -188,7 +177,7 @@ def export_hf(source: str | Path, out: str | Path, which: str = "best", format: 
     tmp = out.with_name(f".{out.name}.tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             hf.save_pretrained(tmp)
         if fmt == "piformer":
             for name in _CODE_FILES:

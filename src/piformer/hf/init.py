@@ -132,11 +132,11 @@ def load_source_state(source: str | Path) -> dict[str, torch.Tensor]:
 
     `source` is a local directory, or a hub name such as 'gpt2' that must already be in the
     local Hugging Face cache (nothing is downloaded)."""
-    from .export import _quiet_transformers
+    from .export import quiet_transformers
 
     config = check_source(source)
     p = Path(source).expanduser()
-    with _quiet_transformers():
+    with quiet_transformers():
         hf = _transformers().AutoModelForCausalLM.from_pretrained(
             str(p) if p.is_dir() else str(source), local_files_only=True)
     state = {k: v.detach().float() for k, v in hf.state_dict().items()}
