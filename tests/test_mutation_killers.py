@@ -1,0 +1,388 @@
+"""Tests that kill mistakes a mutation run found no test would notice (docs/testing.md).
+
+Each test pins one formula or one wiring decision of the paper against a reference computed
+here, by hand, in plain PyTorch: no JAX, no SPU. The mutants they were written against are
+named in the docstrings (mutmut's names, tools/mutation.sh); the point is the mistake, not the
+name: weights applied to the wrong linear, a mode ignored, a comparison off by its edge.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from piformer.config import ModelConfig, RegLoss, TrainConfig
+from piformer.entropy import (
+    diagnose,
+    entropy_penalty,
+    head_bands,
+    head_entropy,
+    outside_tolerance,
+    row_entropy,
+)
+from piformer.model import PiGPT
+
+
+def tiny(preset: str, seed: int = 0, **kw) -> PiGPT:
+    torch.manual_seed(seed)
+    return PiGPT(ModelConfig.from_preset(preset, size="tiny", **kw))
+
+
+def tokens(cfg: ModelConfig, B: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (B, cfg.block_size), generator=g)
+
+
+def _sharpen(model: PiGPT, std: float = 0.4) -> None:
+    """Spread the attention patterns (and thresholds) so rows sit on both sides of every band."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for b in model.transformer.h:
+            for lin in (b.attn.q_proj, b.attn.k_proj):
+                w = lin.parametrizations.weight.original if parametrize.is_parametrized(lin, "weight") else lin.weight
+                w.copy_(torch.randn(w.shape, generator=g) * std)
+            if b.attn.reg_threshold is not None:
+                b.attn.reg_threshold.copy_(torch.rand(b.attn.reg_threshold.shape, generator=g))
+
+
+# ---------------------------------------------------------------------------------------
+# Entropy (Eq. 7) and the head bands / diagnosis
+
+
+def test_row_and_head_entropy_use_the_eps_they_are_given():
+    """row_entropy is -sum p log(p + eps) (the paper's listing), not log(p - eps); head_entropy
+    passes its eps on."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64) * 2, -1)
+    eps = 0.05
+    ref = -(p * torch.log(p + eps)).sum(-1)
+    torch.testing.assert_close(row_entropy(p, eps), ref.float())
+    torch.testing.assert_close(head_entropy(p, eps), ref.mean(dim=(0, 2)).float())
+    assert not torch.allclose(head_entropy(p, eps), head_entropy(p))
+
+
+def test_diagnosis_edges_and_every_field():
+    """A head exactly at 3/4 log T is overloaded (>=), exactly at 1/4 log T not collapsed (<); a
+    layer with exactly `layer_share` of its heads flagged is flagged. L != H so that rows and
+    columns cannot be confused."""
+    T = 64
+    lt = math.log(T)
+    e = torch.tensor([
+        [0.75 * lt, 0.5 * lt],  # layer 0: one head exactly at the overload edge -> 1/2 of heads
+        [0.25 * lt, 0.5 * lt],  # layer 1: one head exactly at the collapse edge -> not collapsed
+        [0.1 * lt, 0.2 * lt],   # layer 2: both collapsed
+    ])
+    d = diagnose(e, T)
+    assert d.e_max == pytest.approx(lt)
+    assert d.overload_threshold == pytest.approx(0.75 * lt) and d.collapse_threshold == pytest.approx(0.25 * lt)
+    assert d.overloaded_heads == [(0, 0)]
+    assert d.collapsed_heads == [(2, 0), (2, 1)]
+    assert d.overloaded_layers == [0]  # 1 of 2 heads = layer_share 0.5: flagged
+    assert d.collapsed_layers == [2]
+    assert diagnose(e, T, layer_share=0.75).overloaded_layers == []
+    half = diagnose(torch.tensor([[0.1, 0.9 * lt], [0.9 * lt, 0.9 * lt], [0.1, 0.1]]), T)
+    assert half.collapsed_layers == [0, 2] and half.overloaded_layers == [0, 1]
+    assert d.to_dict()["collapsed_heads"] == [(2, 0), (2, 1)] and d.to_dict()["e_max"] == d.e_max
+
+
+def test_diagnosis_summary_names_the_flagged_layers():
+    T = 16
+    lt = math.log(T)
+    d = diagnose(torch.tensor([[0.9 * lt, 0.9 * lt], [0.01, 0.02], [0.5 * lt, 0.5 * lt]]), T)
+    assert d.summary().splitlines() == [
+        d.criteria,
+        "entropic overload: layers [0] (2 heads)",
+        "entropy collapse: layers [1] (2 heads)",
+    ]
+    quiet = diagnose(torch.full((2, 2), 0.5 * lt), T).summary().splitlines()
+    assert quiet[1:] == ["entropic overload: none (0 heads)", "entropy collapse: none (0 heads)"]
+    assert "E_max = log T = 2.773 nats (T=16)" in d.criteria and "0.25*E_max = 0.693" in d.criteria
+
+
+def test_head_bands_at_zero_and_below_zero():
+    """All-zero entropies (reference 0) are all in the lowest band, not a division by zero; a
+    rounding-level negative value counts in the lowest band, not as a bincount error."""
+    assert head_bands(torch.zeros(4)) == [1.0, 0.0, 0.0, 0.0]
+    assert head_bands(torch.tensor([-1e-7, 1.0, 1.0, 1.0])) == [0.25, 0.0, 0.0, 0.75]
+
+
+# ---------------------------------------------------------------------------------------
+# The regulariser (Algorithm 1 / Appendix B)
+
+
+def test_the_band_edge_itself_is_free():
+    """Appendix B: penalise where deviation > margin. Exactly at the margin, nothing."""
+    T, gamma = 32, 0.25
+    margin = gamma * math.log(T)
+    theta = torch.zeros(1, 2, dtype=torch.float64)
+    at_edge = torch.tensor([[margin, -margin]], dtype=torch.float64)  # theta = 0: deviation = E exactly
+    assert entropy_penalty(at_edge, theta, T, gamma).item() == 0.0
+    assert outside_tolerance(at_edge, theta, T, gamma).item() == 0.0
+    past = torch.tensor([[margin * (1 + 1e-12), 0.0]], dtype=torch.float64)
+    assert entropy_penalty(past, theta, T, gamma).item() == pytest.approx(margin**2 / 2)
+
+
+def test_penalty_defaults_are_the_papers_and_a_bad_reduction_says_what_is_valid():
+    T = 16
+    lt = math.log(T)
+    theta = torch.full((1, 1), 0.5)
+    e = torch.tensor([[0.5 * lt + 0.15 * lt]])  # inside gamma = 0.2, outside gamma = 0.1
+    assert entropy_penalty(e, theta, T).item() == 0.0
+    assert entropy_penalty(e, theta, T, 0.1).item() > 0
+    rows = torch.tensor([[[0.0, 0.0, lt]]])
+    assert entropy_penalty(rows, theta, T).item() == pytest.approx(3 * (0.5 * lt) ** 2)  # default: sum
+    assert RegLoss() == RegLoss(lam=1e-5, gamma=0.2, mode="query", reduction="sum")
+    with pytest.raises(ValueError, match="unknown reduction 'max'; valid: 'sum', 'mean'"):
+        entropy_penalty(rows, theta, T, reduction="max")
+
+
+def test_train_config_hands_every_loss_setting_to_the_model():
+    """TrainConfig.reg_* reach RegLoss in the right slots (a swapped or dropped field would
+    silently train with the default)."""
+    cfg = TrainConfig(reg_lambda=3e-4, reg_gamma=0.35, reg_mode="head", reg_reduction="mean")
+    assert cfg.reg_loss() == RegLoss(lam=3e-4, gamma=0.35, mode="head", reduction="mean")
+    assert TrainConfig(reg_reduction="mean").reg_loss() == RegLoss(reduction="mean")
+
+
+def _per_row(out, cfg):
+    """(L, H, B*T) row entropies from the attention probabilities the model returned."""
+    rows = torch.stack([row_entropy(p) for p in out.attentions])  # (L, B, H, T)
+    return rows.permute(0, 2, 1, 3).reshape(cfg.n_layer, cfg.n_head, -1)
+
+
+@pytest.mark.parametrize("gamma", [0.05, 0.2])
+def test_reg_mode_head_and_query_are_different_penalties(gamma):
+    """'head' penalises each head's query-averaged entropy (Algorithm 1), 'query' every row
+    (Appendix B); the model must compute the one it is asked for, with the lambda, gamma and
+    reduction it is given, and add lambda times it to the cross-entropy."""
+    model = tiny("EReg(SM(t)+ScFuFFN)")
+    _sharpen(model)
+    cfg = model.config
+    idx = tokens(cfg)
+    T = cfg.block_size
+    th = model.thresholds().detach()
+    head = model(idx, targets=idx, return_attention=True, reg=RegLoss(lam=0.3, gamma=gamma, mode="head", reduction="mean"))
+    query_sum = model(idx, targets=idx, return_attention=True, reg=RegLoss(lam=0.3, gamma=gamma, mode="query"))
+    query_mean = model(idx, targets=idx, reg=RegLoss(lam=0.3, gamma=gamma, mode="query", reduction="mean"))
+    rows = _per_row(head, cfg)
+    want_head = entropy_penalty(head.head_entropy, th, T, gamma, "mean")
+    want_sum = entropy_penalty(rows, th, T, gamma, "sum")
+    want_mean = entropy_penalty(rows, th, T, gamma, "mean")
+    torch.testing.assert_close(head.reg_loss, want_head)
+    torch.testing.assert_close(query_sum.reg_loss, want_sum)
+    torch.testing.assert_close(query_mean.reg_loss, want_mean)
+    assert len({round(x.item(), 6) for x in (want_head, want_sum, want_mean)}) == 3  # three different numbers
+    torch.testing.assert_close(head.loss, head.ce_loss + 0.3 * want_head)
+    torch.testing.assert_close(query_sum.loss, query_sum.ce_loss + 0.3 * want_sum)
+    torch.testing.assert_close(head.reg_outside, outside_tolerance(head.head_entropy, th, T, gamma))
+    torch.testing.assert_close(query_sum.reg_outside, outside_tolerance(rows, th, T, gamma))
+    default = model(idx, targets=idx)  # no reg given: the paper's RegLoss()
+    torch.testing.assert_close(default.reg_loss, entropy_penalty(rows, th, T, 0.2, "sum"))
+    torch.testing.assert_close(default.loss, default.ce_loss + 1e-5 * default.reg_loss)
+
+
+def test_lambda_scales_the_penalty_in_loss_and_gradient_exactly():
+    """loss = CE + lambda * penalty: its gradient is grad CE + lambda * grad penalty, for the
+    lambda given (a mutant that drops, squares or fixes lambda fails here)."""
+    model = tiny("EReg(SM(t)+ScFuFFN)")
+    _sharpen(model)
+    idx = tokens(model.config)
+    w = model.transformer.h[0].attn.q_proj.weight
+
+    def grad(lam):
+        model.zero_grad()
+        out = model(idx, targets=idx, reg=RegLoss(lam=lam))
+        out.loss.backward()
+        return out, w.grad.clone()
+
+    o0, g0 = grad(0.0)
+    o1, g1 = grad(1.0)
+    o2, g2 = grad(2.5)
+    assert o1.reg_loss.item() > 0
+    torch.testing.assert_close(o0.loss, o0.ce_loss)
+    torch.testing.assert_close(o2.loss - o2.ce_loss, 2.5 * o1.reg_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g2 - g0, 2.5 * (g1 - g0), rtol=1e-4, atol=1e-6)
+    assert (g1 - g0).abs().max() > 1e-4
+
+
+def test_no_penalty_without_entropy_reg_or_without_targets():
+    plain = tiny("SM(t)+ScFuFFN")
+    idx = tokens(plain.config)
+    out = plain(idx, targets=idx, reg=RegLoss(lam=1.0))
+    assert out.reg_loss is None and out.reg_outside is None and out.head_entropy is None
+    torch.testing.assert_close(out.loss, out.ce_loss)
+    assert plain.thresholds() is None
+    ereg = tiny("EReg(SM(t)+ScFuFFN)")
+    out = ereg(idx)
+    assert out.loss is None and out.reg_loss is None
+
+
+# ---------------------------------------------------------------------------------------
+# Weight and spectral normalisation: the right linears, the right formula, folded exactly
+
+_LINEARS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "c_proj"}
+
+
+@pytest.mark.parametrize("groups, expected", [
+    ("qk", {"q_proj", "k_proj"}),
+    ("qkv", {"q_proj", "k_proj", "v_proj"}),
+    ("qkvo", {"q_proj", "k_proj", "v_proj", "c_proj"}),
+    ("ffn", {"c_fused"}),
+    ("qk+ffn", {"q_proj", "k_proj", "c_fused"}),
+])
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_normalisation_lands_on_exactly_the_named_linears(kind, groups, expected):
+    """WN(QK) must normalise Q and K, never V or O (and so on for every group)."""
+    model = tiny("SM+ScFuFFN", **{kind: groups})
+    for block in model.transformer.h:
+        linears = {f"{n}": getattr(block.attn, n) for n in _LINEARS.values()} | {"c_fused": block.mlp.c_fused}
+        normed = {n for n, m in linears.items() if parametrize.is_parametrized(m, "weight")}
+        assert normed == expected
+        for n in normed:
+            tag = "original0" if kind == "weight_norm" else "original"
+            assert hasattr(linears[n].parametrizations.weight, tag)
+
+
+def test_ffn_group_normalises_both_ffn_linears_of_a_standard_ffn():
+    model = tiny("SM+LN+G", weight_norm="ffn")
+    mlp = model.transformer.h[1].mlp
+    assert parametrize.is_parametrized(mlp.c_fc, "weight") and parametrize.is_parametrized(mlp.c_proj, "weight")
+    assert not parametrize.is_parametrized(model.transformer.h[1].attn.c_proj, "weight")
+
+
+def test_weight_norm_is_g_times_the_unit_direction_per_output_row():
+    model = tiny("SM+WN(QK)")
+    k = model.transformer.h[0].attn.k_proj
+    g = k.parametrizations.weight.original0
+    v = k.parametrizations.weight.original1
+    with torch.no_grad():
+        g.mul_(torch.linspace(0.5, 2.0, g.numel()).view_as(g))  # g no longer the initial norms
+    torch.testing.assert_close(k.weight, g * v / v.norm(dim=1, keepdim=True))
+    assert g.shape == (k.out_features, 1)
+
+
+def test_folding_in_training_mode_keeps_the_outputs_and_the_mode():
+    """fold_static_norms must not let spectral norm take another power-iteration step (which it
+    does in training mode), and leaves the model in the mode it found it in."""
+    model = tiny("SM+SN(QKVO+FFN)")
+    idx = tokens(model.config)
+    model.train()
+    model(idx)  # one power-iteration step: far from converged, so another would move sigma
+    model.eval()
+    with torch.no_grad():
+        before = model(idx).logits
+    model.train()
+    model.fold_static_norms()
+    assert model.training
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        after = model(idx).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    model.fold_static_norms()  # nothing left to fold: a no-op, in eval mode it stays
+    assert not model.training
+
+
+def test_folding_turns_a_log_space_temperature_into_plain_t():
+    model = tiny("SM(t)+ScFuFFN")
+    attn = model.transformer.h[0].attn
+    t = torch.linspace(0.2, 3.0, attn.temperature.numel()).view_as(attn.temperature)
+    attn.set_temperature(t)
+    torch.testing.assert_close(attn.temperature, t)
+    torch.testing.assert_close(attn.temperature_leaf, t.log())
+    model.fold_static_norms()
+    assert "transformer.h.0.attn.temperature" in model.state_dict()
+    torch.testing.assert_close(model.state_dict()["transformer.h.0.attn.temperature"], t)
+
+
+# ---------------------------------------------------------------------------------------
+# ScFFN and the per-query temperature, by hand
+
+
+def _capture(module, store, key, output_index=None):
+    def hook(_m, args, out):
+        store[key + "_in"] = args[0]
+        store[key] = out if output_index is None else out[output_index]
+    return module.register_forward_hook(hook)
+
+
+def test_scaled_ffn_is_beta_x_sa_plus_ffn_over_alpha():
+    """ScFFN (Section 4): X_out = beta * X_sa + FFN(X_sa) / alpha, per layer, with X_sa the
+    attention sub-block's output (input + attention)."""
+    model = tiny("SM+ScFuFFN").eval()
+    block = model.transformer.h[1]
+    with torch.no_grad():
+        block.ffn_alpha.fill_(2.5)
+        block.ffn_beta.fill_(0.7)
+    seen = {}
+    hooks = [_capture(block, seen, "block", 0), _capture(block.attn, seen, "attn", 0), _capture(block.mlp, seen, "mlp")]
+    with torch.no_grad():
+        model(tokens(model.config))
+    for h in hooks:
+        h.remove()
+    x_sa = seen["block_in"] + seen["attn"]
+    torch.testing.assert_close(seen["mlp_in"], x_sa)  # no LayerNorm in SM+ScFuFFN: FFN sees X_sa
+    torch.testing.assert_close(seen["block"], 0.7 * x_sa + seen["mlp"] / 2.5)
+    # and the fused FFN is the one d x d linear
+    mlp = block.mlp
+    torch.testing.assert_close(seen["mlp"], seen["mlp_in"] @ mlp.c_fused.weight.T + mlp.c_fused.bias)
+
+
+def test_plain_block_is_a_pre_ln_residual():
+    model = tiny("SM+LN+G").eval()
+    block = model.transformer.h[0]
+    seen = {}
+    hooks = [_capture(block, seen, "block", 0), _capture(block.attn, seen, "attn", 0),
+             _capture(block.mlp, seen, "mlp"), _capture(block.ln_1, seen, "ln1"), _capture(block.ln_2, seen, "ln2")]
+    with torch.no_grad():
+        model(tokens(model.config))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(seen["ln1_in"], seen["block_in"])
+    x_sa = seen["block_in"] + seen["attn"]
+    torch.testing.assert_close(seen["ln2_in"], x_sa)
+    torch.testing.assert_close(seen["block"], x_sa + seen["mlp"])
+
+
+@pytest.mark.parametrize("param", ["exp", "raw"])
+def test_each_query_row_of_each_head_has_its_own_temperature(param):
+    """softmax(q_i . k_j / (t[h, i] sqrt(D))) with t of shape (H, T): row i of head h divided by
+    its own t, checked on the attention probabilities against a reference built from the
+    projections by hand (no JAX)."""
+    model = tiny("SM(t)+ScFuFFN", temperature_param=param).eval()
+    _sharpen(model, 0.3)
+    cfg = model.config
+    H, T, D = cfg.n_head, cfg.block_size, cfg.head_dim
+    t = torch.linspace(0.3, 3.0, H * T).view(H, T)
+    t = t[:, torch.randperm(T, generator=torch.Generator().manual_seed(3))]  # no monotone pattern
+    for b in model.transformer.h:
+        b.attn.set_temperature(t)
+    attn = model.transformer.h[1].attn
+    seen = {}
+    hook = _capture(attn, seen, "attn", 0)
+    idx = tokens(cfg, B=2)
+    with torch.no_grad():
+        out = model(idx, return_attention=True)
+        fast = model(idx).logits
+    hook.remove()
+    x = seen["attn_in"]
+    B = x.shape[0]
+    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, H, D).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)) / (t[None, :, :, None] * math.sqrt(D))
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    ref = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
+    torch.testing.assert_close(out.attentions[1], ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast, out.logits, rtol=1e-5, atol=1e-5)  # the fused path divides the same rows
+    v = attn.v_proj(x).view(B, T, H, D).transpose(1, 2)
+    y = (ref @ v).transpose(1, 2).reshape(B, T, H * D)
+    torch.testing.assert_close(seen["attn"], attn.c_proj(y), rtol=1e-5, atol=1e-5)
+
+
+def test_temperatures_start_at_their_init_and_are_reported_per_layer():
+    model = tiny("SM(t)+ScFuFFN", temperature_init=0.3)
+    t = model.temperatures()
+    assert t.shape == (2, 2, 16)
+    torch.testing.assert_close(t, torch.full((2, 2, 16), 0.3))
+    assert tiny("SM+ScFuFFN").temperatures() is None
