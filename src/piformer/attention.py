@@ -6,18 +6,22 @@ For row i with logits s_ij = scale * q_i . k_j and p_i = softmax(s_i) over the c
 
     H_i = -sum_j p_ij log p_ij = lse_i - sum_j p_ij s_ij = lse_i - scale * q_i . (P K)_i,
 
-so one fused attention pass whose values are [V | K] gives P V (the output), P K and the
+so one fused attention pass whose values are [K | V] gives P K, the output P V and the
 log-sum-exp lse: the entropy needs no probability matrix. On the CPU that pass is PyTorch's
 flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`), which works in query and key
-tiles and keeps O(B H T) for backward (its output and lse), recomputing P in its backward.
+tiles, keeps O(B H T D) for backward (its output and lse) and recomputes P in its backward.
 
-Backward. H_i is a function of row i's logits alone, with dH_i/ds_ij = -p_ij (s_ij - E_i[s]).
-The kernel's backward forms dS = P o (dO V'^T - D), D_i = sum_c dO_ic out_ic. Feeding it
-dO = [dy | -scale * dH_i * q_i] adds, per row, -dH_i s_ij to dO V'^T and -dH_i E_i[s] to D:
-exactly dH's term of dS. Its dQ and dK are then the full gradients; the gradient it returns for
-K-as-value belongs to no real input and is dropped (the K that the entropy depends on is the one
-in the logits, already in dK). The kernel wants one head width for q, k and v, so q and k are
-zero-padded to 2D (the zeros add nothing to q . k).
+The kernel wants one head width for queries, keys and values, so the pass runs at width 2D with
+queries [q | 0] and one tensor kv = [k | v] as both keys and values: [q | 0] . [k_j | v_j] = q . k_j.
+A caller that projects k and v with one matmul laid out per head as [k_h | v_h] (PiGPT does)
+hands the kernel that projection's output as is (`attention_with_entropy_kv`).
+
+Backward. H_i is a function of row i's logits alone, dH_i/ds_ij = -p_ij (s_ij - E_i[s]). The
+kernel's backward forms dS = P o (dO V'^T - D) with D_i = sum_c dO_ic out_ic. Feeding it
+dO = [-scale * dH_i * q_i | dy] adds -dH_i s_ij to dO V'^T and -dH_i E_i[s] to D: exactly dH's
+term of dS, so its dQ and dK (the keys' half) are the full gradients. Of its dV, the values' half
+is v's gradient; the keys' half (K as a value) belongs to no real input and is dropped: the
+entropy depends on K only through the logits, already in dK.
 
 `fused_entropy_unsupported(q, dropout_p)` says why the fused pass cannot run (another device,
 a half-precision dtype, dropout on the probabilities); callers then fall back to the explicit
@@ -30,6 +34,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -62,32 +67,42 @@ def warn_fallback_once(reason: str) -> None:
 
 class _FlashAttentionWithEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, scale: float):
         D = q.shape[-1]
-        qp, kp, vp = _padded(q, k, v)
-        out, lse = _FLASH_CPU(qp, kp, vp, 0.0, True, scale=scale)  # out = P [V | K]
-        y, pk = out[..., :D], out[..., D:]
+        qp = F.pad(q, (0, D))  # [q | 0]
+        out, lse = _FLASH_CPU(qp, kv, kv, 0.0, True, scale=scale)  # out = P [K | V]
+        pk, y = out[..., :D], out[..., D:]
         ent = lse - scale * (q * pk).sum(-1)
-        # Only what backward cannot rebuild cheaply: O(B H T D); the padded copies are remade there.
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(qp, kv, out, lse)  # O(B H T D): no (T, T) tensor
         ctx.scale = scale
         return y, ent
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor | None, dent: torch.Tensor | None):
-        q, k, v, out, lse = ctx.saved_tensors
-        D = q.shape[-1]
+        qp, kv, out, lse = ctx.saved_tensors
+        D = qp.shape[-1] // 2
+        q = qp[..., :D]
         dy = torch.zeros_like(q) if dy is None else dy
         dpk = torch.zeros_like(q) if dent is None else (-ctx.scale * dent).unsqueeze(-1) * q
-        dq, dk, dvp = _FLASH_CPU_BACKWARD(
-            torch.cat([dy, dpk], -1).contiguous(), *_padded(q, k, v), out, lse, 0.0, True, scale=ctx.scale
-        )
-        return dq[..., :D], dk[..., :D], dvp[..., :D], None
+        dqp, dk, dv = _FLASH_CPU_BACKWARD(torch.cat([dpk, dy], -1), qp, kv, kv, out, lse, 0.0, True, scale=ctx.scale)
+        # Keys' half of dk is the keys' gradient; its values' half is exactly 0 (the queries' zero
+        # half meets it), so the values' gradient goes there in place of a fresh tensor.
+        dk[..., D:] = dv[..., D:]
+        return dqp[..., :D], dk, None
 
 
-def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    zeros = torch.zeros_like(q)
-    return torch.cat([q, zeros], -1), torch.cat([k, zeros], -1), torch.cat([v, k], -1)
+def attention_with_entropy_kv(
+    q: torch.Tensor, kv: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_entropy` with keys and values in one (B, H, T, 2D) tensor, [k | v] per head."""
+    reason = fused_entropy_unsupported(q)
+    if reason is not None:
+        raise ValueError(f"attention_with_entropy: unsupported input: {reason}")
+    if kv.shape[:-1] != q.shape[:-1] or kv.shape[-1] != 2 * q.shape[-1]:
+        raise ValueError(f"attention_with_entropy: kv must be (B, H, T, 2D) for q {tuple(q.shape)}, got {tuple(kv.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return _FlashAttentionWithEntropy.apply(q, kv, scale)
 
 
 def attention_with_entropy(
@@ -98,9 +113,4 @@ def attention_with_entropy(
     q, k, v: (B, H, T, D) on the CPU, float32 or float64 (check `fused_entropy_unsupported`).
     scale defaults to 1/sqrt(D). Returns y (B, H, T, D) and the row entropies (B, H, T).
     """
-    reason = fused_entropy_unsupported(q)
-    if reason is not None:
-        raise ValueError(f"attention_with_entropy: unsupported input: {reason}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return _FlashAttentionWithEntropy.apply(q, k, v, scale)
+    return attention_with_entropy_kv(q, torch.cat([k, v], -1), scale)

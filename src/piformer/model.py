@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
-from .attention import attention_with_entropy, fused_entropy_unsupported, warn_fallback_once
+from .attention import attention_with_entropy_kv, fused_entropy_unsupported, warn_fallback_once
 from .config import ModelConfig, RegLoss
 from .entropy import entropy_penalty, outside_tolerance, softmax_with_entropy
 
@@ -105,33 +105,45 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mode: str = FAST):
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
+        drop = self.dropout if self.training else 0.0
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
         if self.temperature is not None:
             # Dividing q by t[h, i] divides row i's logits by t: the same as softmax(qk / (t sqrt(D))),
             # and it keeps the fused kernels usable.
             q = q / self.temperature[:, :T].to(q.dtype).unsqueeze(-1)  # (H, T, 1) broadcasts over B
-        drop = self.dropout if self.training else 0.0
         if mode == ENTROPY:
-            reason = fused_entropy_unsupported(q, drop)
+            reason = fused_entropy_unsupported(q, drop)  # q: the dtype autocast gave the projections
             if reason is not None:
                 warn_fallback_once(reason)
                 mode = EXPLICIT
 
         probs = row_ent = None
-        if mode == FAST:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        elif mode == ENTROPY:
-            y, row_ent = attention_with_entropy(q, k, v, 1.0 / math.sqrt(D))  # (B, H, T, D), (B, H, T)
+        if mode == ENTROPY:
+            y, row_ent = attention_with_entropy_kv(q, self._kv_heads(x), 1.0 / math.sqrt(D))  # (B,H,T,D), (B,H,T)
         else:
-            logits = (q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)  # (B, H, T, T)
-            # A finite fill (not -inf) makes masked probabilities exactly 0 with finite gradients.
-            logits = logits.float().masked_fill_(~self.causal[:T, :T], torch.finfo(torch.float32).min)
-            probs, row_ent = softmax_with_entropy(logits)  # (B, H, T, T), (B, H, T)
-            y = F.dropout(probs, drop, self.training).to(v.dtype) @ v  # (B, H, T, D)
+            k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
+            if mode == FAST:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+            else:
+                logits = (q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)  # (B, H, T, T)
+                # A finite fill (not -inf) makes masked probabilities exactly 0 with finite gradients.
+                logits = logits.float().masked_fill_(~self.causal[:T, :T], torch.finfo(torch.float32).min)
+                probs, row_ent = softmax_with_entropy(logits)  # (B, H, T, T), (B, H, T)
+                y = F.dropout(probs, drop, self.training).to(v.dtype) @ v  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), probs, row_ent
+
+    def _kv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """k and v from one matmul, laid out per head as [k_h | v_h]: (B, H, T, 2D), the layout the
+        fused entropy kernel takes as both keys and values (no copy into it)."""
+        B, T, C = x.shape
+        H, D = self.n_head, self.head_dim
+        w = torch.cat([self.k_proj.weight.view(H, D, C), self.v_proj.weight.view(H, D, C)], 1).view(2 * C, C)
+        b = None
+        if self.k_proj.bias is not None:
+            b = torch.cat([self.k_proj.bias.view(H, D), self.v_proj.bias.view(H, D)], 1).view(2 * C)
+        return F.linear(x, w, b).view(B, T, H, 2 * D).transpose(1, 2)
 
 
 class _Exp(nn.Module):
