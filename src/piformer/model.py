@@ -106,44 +106,49 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         drop = self.dropout if self.training else 0.0
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        if mode == EXPLICIT:  # the oracle: three separate projections, as the paper writes them
+            q, k, v = (p(x).view(B, T, H, D).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            # One matmul for q, k and v (fewer, larger kernels, as nanoGPT's c_attn), with k and v
+            # laid out per head as [k_h | v_h]: the one tensor the entropy kernel takes for both.
+            qkv = F.linear(x, *self._qkv_weights())
+            q = qkv[..., :C].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            kv = qkv[..., C:].view(B, T, H, 2 * D).transpose(1, 2)  # (B, H, T, 2D)
+            k, v = kv[..., :D], kv[..., D:]
         if self.temperature is not None:
             # Dividing q by t[h, i] divides row i's logits by t: the same as softmax(qk / (t sqrt(D))),
             # and it keeps the fused kernels usable.
             q = q / self.temperature[:, :T].to(q.dtype).unsqueeze(-1)  # (H, T, 1) broadcasts over B
         if mode == ENTROPY:
-            reason = fused_entropy_unsupported(q, drop)  # q: the dtype autocast gave the projections
+            reason = fused_entropy_unsupported(q, drop)
             if reason is not None:
                 warn_fallback_once(reason)
                 mode = EXPLICIT
 
         probs = row_ent = None
-        if mode == ENTROPY:
-            y, row_ent = attention_with_entropy_kv(q, self._kv_heads(x), 1.0 / math.sqrt(D))  # (B,H,T,D), (B,H,T)
+        if mode == FAST:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        elif mode == ENTROPY:
+            y, row_ent = attention_with_entropy_kv(q, kv, 1.0 / math.sqrt(D))  # (B, H, T, D), (B, H, T)
         else:
-            k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)
-            v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
-            if mode == FAST:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-            else:
-                logits = (q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)  # (B, H, T, T)
-                # A finite fill (not -inf) makes masked probabilities exactly 0 with finite gradients.
-                logits = logits.float().masked_fill_(~self.causal[:T, :T], torch.finfo(torch.float32).min)
-                probs, row_ent = softmax_with_entropy(logits)  # (B, H, T, T), (B, H, T)
-                y = F.dropout(probs, drop, self.training).to(v.dtype) @ v  # (B, H, T, D)
+            logits = (q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)  # (B, H, T, T)
+            # A finite fill (not -inf) makes masked probabilities exactly 0 with finite gradients.
+            logits = logits.float().masked_fill_(~self.causal[:T, :T], torch.finfo(torch.float32).min)
+            probs, row_ent = softmax_with_entropy(logits)  # (B, H, T, T), (B, H, T)
+            y = F.dropout(probs, drop, self.training).to(v.dtype) @ v  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), probs, row_ent
 
-    def _kv_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """k and v from one matmul, laid out per head as [k_h | v_h]: (B, H, T, 2D), the layout the
-        fused entropy kernel takes as both keys and values (no copy into it)."""
-        B, T, C = x.shape
+    def _qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The q, k, v projections as one (3C, C) weight (and bias), rows [q | k_0 v_0 | k_1 v_1 | ...]
+        (per head h, k_h then v_h). Built from the three projections' (possibly weight- or
+        spectral-normalised) weights at each call, so parameters and gradients stay where they are."""
         H, D = self.n_head, self.head_dim
-        w = torch.cat([self.k_proj.weight.view(H, D, C), self.v_proj.weight.view(H, D, C)], 1).view(2 * C, C)
-        b = None
-        if self.k_proj.bias is not None:
-            b = torch.cat([self.k_proj.bias.view(H, D), self.v_proj.bias.view(H, D)], 1).view(2 * C)
-        return F.linear(x, w, b).view(B, T, H, 2 * D).transpose(1, 2)
+        (wq, wk, wv), (bq, bk, bv) = zip(*((p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj)))
+        C = wq.shape[1]
+        w = torch.cat([wq, torch.cat([wk.view(H, D, C), wv.view(H, D, C)], 1).view(2 * H * D, C)])
+        b = None if bq is None else torch.cat([bq, torch.cat([bk.view(H, D), bv.view(H, D)], 1).view(-1)])
+        return w, b
 
 
 class _Exp(nn.Module):
