@@ -386,3 +386,29 @@ def test_temperatures_start_at_their_init_and_are_reported_per_layer():
     assert t.shape == (2, 2, 16)
     torch.testing.assert_close(t, torch.full((2, 2, 16), 0.3))
     assert tiny("SM+ScFuFFN").temperatures() is None
+
+
+# ---------------------------------------------------------------------------------------
+# Resume: the best validation loss so far is never forgotten
+
+
+def test_resume_takes_the_lower_of_lasts_record_and_the_best_checkpoints(tmp_path):
+    """`last` records the best loss it knew when saved; a best checkpoint saved after it knows a
+    lower one. Resume must continue from the lower, or the next evaluation would overwrite that
+    best checkpoint with a worse model."""
+    from piformer.checkpoint import save_checkpoint
+    from piformer.train import _best_so_far
+
+    best_dir = tmp_path / "best"
+    last_state = {"step": 4, "best_val_loss": 2.0, "best_step": 4}
+    assert _best_so_far(last_state, best_dir) == (2.0, 4)  # no best checkpoint yet
+    assert _best_so_far({"step": 4}, best_dir) == (math.inf, None)  # nothing evaluated yet
+    model = tiny("SM")
+    save_checkpoint(best_dir, model, trainer_state={"step": 6, "best_val_loss": 1.5, "best_step": 6})
+    assert _best_so_far(last_state, best_dir) == (1.5, 6)  # newer and better: kept
+    save_checkpoint(best_dir, model, trainer_state={"step": 2, "best_val_loss": 2.5, "best_step": 2})
+    assert _best_so_far(last_state, best_dir) == (2.0, 4)  # a worse record never wins
+    save_checkpoint(best_dir, model)  # a best checkpoint without trainer state
+    assert _best_so_far(last_state, best_dir) == (2.0, 4)
+    (best_dir / "trainer_state.pt").write_bytes(b"torn")  # unreadable: last's record stands
+    assert _best_so_far(last_state, best_dir) == (2.0, 4)

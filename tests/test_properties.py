@@ -201,9 +201,10 @@ def model_configs(draw):
 def train_configs(draw):
     mode = draw(st.sampled_from(REG_MODES))
     pos = st.floats(1e-9, 10)
+    lr = draw(pos)
     return TrainConfig(
         max_steps=draw(st.integers(1, 10**6)), batch_size=draw(st.integers(1, 4096)),
-        micro_batch_size=draw(st.integers(1, 512)), lr=draw(pos), min_lr=draw(st.floats(0, 1)),
+        micro_batch_size=draw(st.integers(1, 512)), lr=lr, min_lr=draw(st.floats(0, lr)),
         schedule=draw(st.sampled_from(["linear", "cosine"])), warmup=draw(st.floats(0, 5000)),
         weight_decay=draw(st.floats(0, 1)), beta1=draw(st.floats(0, 0.999)), beta2=draw(st.floats(0, 0.9999)),
         eps=draw(pos), grad_clip=draw(st.floats(0, 10)), seed=draw(st.integers(0, 2**32 - 1)),
