@@ -16,7 +16,10 @@ from piformer.config import (
     FFN_ACTS, FFN_KINDS, NORM_GROUPS, NORMS, REG_MODES, REG_REDUCTIONS, TEMPERATURE_PARAMS,
     ModelConfig, TrainConfig, parse_overrides,
 )
-from piformer.entropy import entropy_penalty, head_bands, row_entropy_from_logits, softmax_with_entropy
+from piformer.entropy import (
+    entropy_penalty, head_bands, head_entropy, outside_tolerance, row_entropy, row_entropy_from_logits,
+    softmax_with_entropy, uniform_causal_entropy,
+)
 from piformer.pi.cost import pi_cost
 
 FEW = settings(max_examples=40, deadline=None, database=None)
@@ -72,6 +75,18 @@ def test_adding_a_constant_to_a_rows_logits_leaves_its_entropy_unchanged(logits,
     shifted = _causal(logits + shift[:, None])  # the visible keys move together; the mask stays
     torch.testing.assert_close(row_entropy_from_logits(shifted), row_entropy_from_logits(logits),
                                rtol=0, atol=1e-4)
+
+
+@FEW
+@given(causal_logits(max_t=8, bound=30.0), st.integers(1, 3))
+def test_head_entropy_is_the_mean_row_entropy_and_at_most_the_uniform_heads(logits, heads):
+    """Eq. 7: a head's entropy is the mean over its query rows; no causal head exceeds the one
+    that attends uniformly (mean of log(i + 1)), which stays below log T."""
+    T = logits.shape[0]
+    probs = torch.stack([torch.softmax(logits * (h + 1), -1) for h in range(heads)])[None]  # (1, H, T, T)
+    e = head_entropy(probs)
+    torch.testing.assert_close(e, row_entropy(probs).mean(dim=(0, 2)))
+    assert (e <= uniform_causal_entropy(T) + 1e-5).all() and uniform_causal_entropy(T) <= math.log(T) + 1e-12
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,6 +161,29 @@ def test_penalty_jumps_at_the_band_edge_and_grows_with_the_deviation_beyond_it(T
     assert math.isclose(pen(1.001), edge, rel_tol=5e-3)
     lo, hi = sorted((a, b))
     assert edge * 0.99 <= pen(lo) <= pen(hi)
+
+
+@FEW
+@given(st.integers(2, 4096), st.floats(0.01, 0.9), st.sampled_from([-1.0, 1.0]))
+def test_penalty_at_the_band_edge_is_zero_and_jumps_just_past_it(T, gamma, sign):
+    """Exactly at |E - theta log T| = gamma log T the penalty is still 0 (Appendix B compares with
+    '>'), so it is continuous from inside the band; one float64 ulp past the edge it is the full
+    (gamma log T)^2: the jump is the formula's (it squares the whole deviation, not the excess)."""
+    margin = gamma * math.log(T)
+    theta = torch.zeros(1, 1, dtype=torch.float64)  # target 0: the deviation is E itself, exactly
+    edge = torch.tensor([[sign * margin]], dtype=torch.float64)
+    past = torch.tensor([[sign * math.nextafter(margin, math.inf)]], dtype=torch.float64)
+    assert entropy_penalty(edge, theta, T, gamma).item() == 0.0
+    assert math.isclose(entropy_penalty(past, theta, T, gamma).item(), margin**2, rel_tol=1e-12)
+
+
+@FEW
+@given(penalty_case())
+def test_outside_share_is_the_fraction_of_entries_outside_the_band(case):
+    entropy, theta, T, gamma, u = case
+    share = outside_tolerance(entropy, theta, T, gamma).item()
+    assert math.isclose(share, (u.abs() > 1).double().mean().item(), rel_tol=0, abs_tol=1e-6)
+    assert (share == 0.0) == (entropy_penalty(entropy, theta, T, gamma).item() == 0.0)
 
 
 @FEW
@@ -302,3 +340,24 @@ def test_flops_scale_as_the_formulas_say(s, k):
     fused, standard = (base, other) if s["fused"] else (other, base)
     assert 8 * fused.ffn_flops == standard.ffn_flops and fused.attn_flops == standard.attn_flops
 
+
+
+@FEW
+@given(cost_shapes(), st.sampled_from(["SM+LN+G", "SM+LN+R", "SM+LN", "SM+G", "SM", "SM+ScFuFFN"]))
+def test_nonlinear_op_counts_follow_the_architecture(s, preset):
+    """Per block: H softmaxes of T x T; 2 LayerNorms of T x d when the block has them; one
+    activation of T x 4d when the FFN has one. The final LayerNorm is listed apart, never counted."""
+    L, H, T, d = s["L"], s["H"], s["T"], s["H"] * s["hd"]
+    cfg = ModelConfig.from_preset(preset, size="tiny", n_layer=L, n_head=H, n_embd=d, block_size=T, vocab_size=s["V"])
+    ops = {op.kind: op for op in pi_cost(cfg).nonlinear}
+    assert (ops["softmax"].count, ops["softmax"].shape) == (L * H, (T, T))
+    assert ("layernorm" in ops) == (cfg.norm == "layernorm")
+    if "layernorm" in ops:
+        assert (ops["layernorm"].count, ops["layernorm"].shape) == (2 * L, (T, d))
+    acts = [k for k in ops if k in ("gelu", "relu")]
+    assert acts == ([] if cfg.ffn_act == "none" else [cfg.ffn_act])
+    for k in acts:
+        assert (ops[k].count, ops[k].shape) == (L, (T, 4 * d))
+    assert all(op.elements == op.count * op.shape[0] * op.shape[1] for op in ops.values())
+    c = pi_cost(cfg)
+    assert (c.final_layernorm.count, c.final_layernorm.shape) == (1, (T, d))
