@@ -1,0 +1,239 @@
+"""The entropy-aware attention: the regularised step against its twin, the baseline against a bare
+nanoGPT-style model, step time and memory as T grows, and entropy measurement before/after.
+
+    python benchmarks/bench_entropy_attention.py steps --size cpu-small --batch 16
+    python benchmarks/bench_entropy_attention.py scaling --tokens 2048
+    python benchmarks/bench_entropy_attention.py entropy --run results/cpu/runs/ereg-sm-t-scfuffn --data results/cpu/data
+
+Cases, all trained by the same bare loop (forward with loss, backward, clip, AdamW, zero_grad):
+  reference     nanoGPT-style GPT (fused c_attn, SDPA), from bench_train_throughput.py
+  baseline      piformer SM+LN+G
+  twin          piformer SM(t)+ScFuFFN (fused SDPA, no entropies)
+  ereg          piformer EReg(SM(t)+ScFuFFN): fused attention with row entropies (this issue)
+  ereg-explicit the same model through the explicit (B, H, T, T) path, as every regularised step
+                ran before (return_attention=True forces it): the 'before' column
+
+Timing: the cases take turns step by step (round robin), so load from other processes hits them
+alike; each case's figure is the median of its measured steps. Memory: each case runs alone in a
+fresh process; after one warm-up step (AdamW allocates its state there) the peak resident set is
+reset (/proc/self/clear_refs) and one step is measured: 'step MiB' is that peak minus the resident
+set just before it (activations, gradients, temporaries; weights and optimizer state excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train_throughput import RefGPT  # noqa: E402
+
+from piformer.config import ModelConfig, RegLoss  # noqa: E402
+from piformer.model import PiGPT  # noqa: E402
+
+CASES = {
+    "reference": None,
+    "baseline": "SM+LN+G",
+    "twin": "SM(t)+ScFuFFN",
+    "ereg": "EReg(SM(t)+ScFuFFN)",
+    "ereg-explicit": "EReg(SM(t)+ScFuFFN)",
+}
+VOCAB = 8192
+
+
+def build(case: str, size: str, T: int, seed: int = 0):
+    """(model, step function) for one case; the step runs one optimisation step on (x, y)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_preset(CASES[case] or "SM+LN+G", size, vocab_size=VOCAB, block_size=T)
+    if case == "reference":
+        model = RefGPT(VOCAB, T, cfg.n_layer, cfg.n_head, cfg.n_embd)
+        loss_fn = lambda x, y: model(x, y)  # noqa: E731
+    else:
+        model = PiGPT(cfg)
+        kw = {"return_attention": True} if case == "ereg-explicit" else {}
+        reg = RegLoss()
+        loss_fn = lambda x, y: model(x, targets=y, reg=reg, **kw).loss  # noqa: E731
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-4)
+
+    def step(x, y):
+        loss = loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, step
+
+
+def batch(B: int, T: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (B, T + 1), generator=g)
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+def time_cases(cases, size, B, T, steps, warmup):
+    """Median wall seconds per step of each case, the cases taking turns step by step."""
+    runs = {c: build(c, size, T)[1] for c in cases}
+    x, y = batch(B, T)
+    times = {c: [] for c in cases}
+    for i in range(warmup + steps):
+        for c in cases:
+            t0 = time.perf_counter()
+            runs[c](x, y)
+            if i >= warmup:
+                times[c].append(time.perf_counter() - t0)
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def step_memory_mib(case, size, B, T, threads) -> float:
+    """Peak resident memory of one training step above the resident set before it, in a fresh process."""
+    cmd = [sys.executable, __file__, "_memory", case, "--size", size, "--batch", str(B), "--T", str(T),
+           "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["step_mib"]
+
+
+def _memory_worker(args) -> None:
+    _, step = build(args.case, args.size, args.T)
+    x, y = batch(args.batch, args.T)
+    step(x, y)  # warm-up: AdamW state, allocator
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    step(x, y)
+    print(json.dumps({"step_mib": (_status_kib("VmHWM") - before) / 1024}))
+
+
+def header(args, extra: str = "") -> None:
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}{extra}")
+    print(f"# {' '.join(sys.argv)}")
+
+
+def cmd_steps(args) -> None:
+    header(args)
+    cases = list(CASES)
+    med = time_cases(cases, args.size, args.batch, args.T or 128, args.steps, args.warmup)
+    cfg = ModelConfig.from_preset("SM+LN+G", args.size, vocab_size=VOCAB)
+    print(f"\nsize {args.size}: L={cfg.n_layer} H={cfg.n_head} d={cfg.n_embd} T={args.T or 128} V={VOCAB}, "
+          f"batch {args.batch}, median of {args.steps} interleaved steps after {args.warmup} warm-up\n")
+    print("| case | config | ms/step | vs twin | vs reference |")
+    print("|---|---|---:|---:|---:|")
+    for c in cases:
+        vs_twin = f"{med[c] / med['twin']:.3f}x" if c.startswith("ereg") or c == "twin" else ""
+        vs_ref = f"{med['reference'] / med[c]:.3f}x" if c in ("reference", "baseline") else ""
+        print(f"| {c} | {CASES[c] or 'nanoGPT-style'} | {med[c] * 1e3:.1f} | {vs_twin} | {vs_ref} |")
+    r, b = med["ereg"] / med["twin"], med["reference"] / med["baseline"]
+    print(f"\nEReg / twin step time: {r:.3f}x (target <= 1.05x: {'met' if r <= 1.05 else 'MISSED'}); "
+          f"before (explicit path): {med['ereg-explicit'] / med['twin']:.3f}x")
+    print(f"baseline speed vs reference (reference ms / baseline ms): {b:.3f}x (target >= 1.00x: {'met' if b >= 1 else 'MISSED'})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"size": args.size, "batch": args.batch, "ms": {c: v * 1e3 for c, v in med.items()}}, indent=1))
+
+
+def cmd_scaling(args) -> None:
+    header(args)
+    cases = list(CASES)
+    rows = []
+    for T in args.lengths:
+        B = max(1, args.tokens // T)
+        med = time_cases(cases, args.size, B, T, args.steps, args.warmup)
+        mem = {c: step_memory_mib(c, args.size, B, T, torch.get_num_threads()) for c in cases}
+        rows.append((T, B, med, mem))
+        print(f"  T={T} done", file=sys.stderr, flush=True)
+    cfg = ModelConfig.from_preset("SM+LN+G", args.size, vocab_size=VOCAB)
+    print(f"\nsize {args.size} (L={cfg.n_layer} H={cfg.n_head} d={cfg.n_embd}), B x T = {args.tokens} tokens per step, "
+          f"median of {args.steps} interleaved steps after {args.warmup} warm-up; step MiB: peak RSS of one step above "
+          "the RSS before it, each case alone in a fresh process\n")
+    print("| T | B | " + " | ".join(f"{c} ms" for c in cases) + " | " + " | ".join(f"{c} MiB" for c in cases)
+          + " | EReg/twin time | EReg/twin MiB |")
+    print("|" + "---:|" * (2 + 2 * len(cases) + 2))
+    for T, B, med, mem in rows:
+        print(f"| {T} | {B} | " + " | ".join(f"{med[c] * 1e3:.0f}" for c in cases) + " | "
+              + " | ".join(f"{mem[c]:.0f}" for c in cases)
+              + f" | {med['ereg'] / med['twin']:.3f}x | {mem['ereg'] / mem['twin']:.3f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"T": T, "B": B, "ms": {c: v * 1e3 for c, v in med.items()}, "mib": mem}
+                                               for T, B, med, mem in rows], indent=1))
+
+
+def cmd_entropy(args) -> None:
+    """`piformer entropy`'s measurement (measure_head_entropy) on a run: the fused path against the
+    explicit one it used before, interleaved repeats."""
+    from piformer.analysis.measure import measure_head_entropy, val_batches
+    from piformer.checkpoint import load_model, resolve_checkpoint
+
+    header(args)
+    model = load_model(resolve_checkpoint(Path(args.run), "best")).eval()
+    T = model.config.block_size
+    batches = list(val_batches(args.data, T, args.batch, args.batches, vocab_size=model.config.vocab_size))
+    explicit = lambda idx: model(idx, return_attention=True).head_entropy  # noqa: E731
+    times = {"explicit (before)": [], "fused (after)": []}
+    results = {}
+    for _ in range(args.repeats):
+        for name, fn in (("explicit (before)", explicit), ("fused (after)", model)):
+            t0 = time.perf_counter()
+            results[name], _ = measure_head_entropy(fn, batches)
+            times[name].append(time.perf_counter() - t0)
+    diff = float((results["explicit (before)"] - results["fused (after)"]).abs().max())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{args.run}: L={model.config.n_layer} H={model.config.n_head} d={model.config.n_embd} T={T}, "
+          f"{len(batches)} batches x {args.batch} sequences, median of {args.repeats} interleaved repeats\n")
+    print("| entropy measurement | seconds | speed-up |")
+    print("|---|---:|---:|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.2f} | {med['explicit (before)'] / v:.2f}x |")
+    print(f"\nlargest difference between the two (L, H) entropy tables: {diff:.2e} nats")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--size", default="cpu-small")
+    common.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, this machine's cores)")
+    common.add_argument("--steps", type=int, default=5)
+    common.add_argument("--warmup", type=int, default=1)
+    common.add_argument("--json", default=None)
+    p = sub.add_parser("steps", parents=[common], help="every case at one shape")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--T", type=int, default=None, help="context (default 128)")
+    p = sub.add_parser("scaling", parents=[common], help="T = 128..1024 at a fixed number of tokens per step")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
+    p = sub.add_parser("entropy", parents=[common], help="measure_head_entropy on a run, before/after")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p = sub.add_parser("_memory", parents=[common])
+    p.add_argument("case", choices=list(CASES))
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--T", type=int, required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    {"steps": cmd_steps, "scaling": cmd_scaling, "entropy": cmd_entropy, "_memory": _memory_worker}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
