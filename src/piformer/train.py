@@ -33,7 +33,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from .config import ModelConfig, TrainConfig
 from .data.shards import TokenData
 from .errors import RunInUseError, RunTerminated
 from .fileio import atomic_write_text, file_mode
+from .logging_sinks import JSONLSink, TensorBoardSink, dispatch, notify, require_tensorboard
+from .logging_sinks import jsonable as _jsonable
+from .logging_sinks import scalars as _scalars  # noqa: F401  (tests read the TensorBoard scalars through it)
 from .model import PiGPT
 
 EXIT_DIVERGED = 3
@@ -195,48 +198,38 @@ def _fingerprint(data: TokenData) -> dict[str, Any]:
 class _Run:
     """RUN_DIR bookkeeping: config.json, status.json, metrics.jsonl, TensorBoard (rank 0 only)."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, callbacks: Sequence[Any] = ()):
         self.dir = out_dir
         self.enabled = enabled
         self.status: dict[str, Any] = {}
         self.ended = False
         """Whether status.json already records how this attempt stopped."""
-        self._metrics = None
-        self._tb = None
+        self._metrics: JSONLSink | None = None
+        self._listeners: list[Any] = []
+        self._callbacks = list(callbacks)
 
     def open_metrics(self, keep_through_step: int | None, tensorboard: bool) -> None:
+        """metrics.jsonl (resuming at step s: cut back to s), TensorBoard if asked, then the
+        user's callbacks, which each log record reaches in that order (piformer.logging_sinks)."""
         if not self.enabled:
             return
-        path = self.dir / "metrics.jsonl"
-        if keep_through_step is not None and path.is_file():
-            # Resuming at step s: the lines after s describe steps that are about to be redone.
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a kill
-                if rec.get("step", 0) <= keep_through_step:
-                    kept.append(line)
-            atomic_write_text(path, "".join(x + "\n" for x in kept))
-        self._metrics = open(path, "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("TrainConfig.tensorboard=True needs the tensorboard package: pip install tensorboard") from None
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self._metrics = JSONLSink(self.dir / "metrics.jsonl", keep_through_step)
+        self._listeners = [self._metrics, *([TensorBoardSink(self.dir / "tensorboard")] if tensorboard else []),
+                           *self._callbacks]
+        for listener in self._listeners:
+            notify(listener, "on_train_start", self.dir)
 
     def log(self, record: dict[str, Any], flush: bool = False) -> None:
         if not self.enabled:
             return
-        self._metrics.write(json.dumps(_jsonable(record)) + "\n")
+        for listener in self._listeners:
+            dispatch(listener, record)
         if flush:
             self._metrics.flush()
-        if self._tb is not None:
-            prefix = "val/" if record.get("event") == "eval" else "train/"
-            for k, v in _scalars(record):
-                self._tb.add_scalar(prefix + k, v, record["step"])
+
+    def checkpoint(self, step: int, which: str, path: Path) -> None:
+        for listener in self._listeners if self.enabled else ():
+            notify(listener, "on_checkpoint", step, which, path)
 
     def set_status(self, **fields: Any) -> None:
         if not self.enabled:
@@ -253,36 +246,9 @@ class _Run:
             self._metrics.flush()
 
     def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _scalars(record: dict[str, Any]):
-    """(name, value) for TensorBoard: the record's finite numbers, and per-layer statistics
-    (threshold_stats, temperature: {stat: [per layer]}) as 'temperature/min/layer_3'."""
-    for k, v in record.items():
-        if k in ("step", "event") or isinstance(v, bool):
-            continue
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            yield k, v
-        elif isinstance(v, dict) and k in ("threshold_stats", "temperature"):
-            for stat, per_layer in v.items():
-                for layer, x in enumerate(per_layer):
-                    if isinstance(x, (int, float)) and math.isfinite(x):
-                        yield f"{k}/{stat}/layer_{layer}", x
-
-
-def _jsonable(x: Any) -> Any:
-    """Non-finite floats become null: metrics.jsonl stays strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
+        for listener in self._listeners:
+            notify(listener, "close")
+        self._listeners = []
 
 
 def _model_stats(model: PiGPT) -> dict[str, Any]:
@@ -485,8 +451,12 @@ def train(
     size: str | None = None,
     progress: bool | str = True,
     init_from: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Train `model_cfg` on the prepared data in `data_dir`, writing the run to `out_dir`.
+
+    callbacks: objects with any of on_train_start / on_log / on_eval / on_checkpoint / close
+    (piformer.logging_sinks: e.g. a WandbSink, or your own), called on rank 0 with every record.
 
     init_from: a Hugging Face GPT-2 checkpoint (a directory, or a hub name in the local cache) whose
     tensors start the new model where shapes allow (piformer.hf.init; ignored when resuming).
@@ -501,14 +471,18 @@ def train(
     However it stops, status.json says how: finished, diverged, interrupted (Ctrl-C),
     terminated (SIGTERM, raised here as RunTerminated) or failed (with the error).
     """
+    if train_cfg.tensorboard:
+        require_tensorboard()  # a missing package fails here, before the run directory is touched
     # The lock is released last, after the status has recorded how the run ended.
     with contextlib.ExitStack() as held, _sigterm_stops_the_run():
-        return _train(held, model_cfg, train_cfg, data_dir, out_dir, resume, preset, size, progress, init_from)
+        return _train(held, model_cfg, train_cfg, data_dir, out_dir, resume, preset, size, progress, init_from,
+                      callbacks)
 
 
 def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: str | Path,
            out_dir: str | Path, resume: bool, preset: str | None, size: str | None,
-           progress: bool | str, init_from: str | Path | None = None) -> dict[str, Any]:
+           progress: bool | str, init_from: str | Path | None = None,
+           callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     t_start = time.time()
     out = Path(out_dir)
     data = TokenData(data_dir)
@@ -566,7 +540,7 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
         # (otherwise a slower rank would find rank 0's fresh config.json and refuse to start).
         dist.barrier()
 
-    run = _Run(out, enabled=d.master)
+    run = _Run(out, enabled=d.master, callbacks=callbacks)
 
     def record_how_it_ended(exc_type, exc, tb) -> bool:
         if exc is not None and not run.ended:
@@ -646,6 +620,7 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
             # checkpoint keeps those lines, so a kill just after it must not lose them.
             run.flush()
             ckpt_io.save_checkpoint(out / "checkpoints" / which, raw_model, trainer_state(step))
+            run.checkpoint(step, which, out / "checkpoints" / which)
         if which == "last":
             last_ckpt_step = step
 

@@ -26,6 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from checkpoints/last (its saved config; --set may change train fields)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (sets train.device; default: the recipe's, auto)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the initial weights and the batch order (sets train.seed; default: the recipe's)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to RUN_DIR/tensorboard: scalars, per-layer entropy, thresholds and temperatures "
+                        "(sets train.tensorboard; needs `pip install tensorboard`)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log to this Weights & Biases project (needs `pip install wandb`)")
     p.add_argument("--init-from", default=None, metavar="DIR|NAME",
                    help="start from a Hugging Face GPT-2 checkpoint (a directory, or e.g. 'gpt2' if in the local HF "
                         "cache): takes every tensor whose shape fits, initialises the rest, and says which")
@@ -37,6 +45,10 @@ def build_configs(args: argparse.Namespace):
     from piformer.data import read_meta
 
     overrides = parse_overrides(args.set)
+    # The flags are shorthands for --set train.*; an explicit flag wins over a --set of the same field.
+    for key, value in (("device", args.device), ("seed", args.seed), ("tensorboard", args.tensorboard or None)):
+        if value is not None:
+            overrides["train"][key] = value
     if "vocab_size" in overrides["model"]:
         raise ValueError("model.vocab_size comes from the data's tokenizer (meta.json); do not --set it")
     out = Path(args.out)
@@ -64,6 +76,11 @@ def build_configs(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from piformer.train import EXIT_DIVERGED, train
 
+    callbacks = []
+    if args.wandb:  # imports wandb now: a missing package fails before anything is written
+        from piformer.logging_sinks import WandbSink
+
+        callbacks.append(WandbSink(args.wandb))
     model_cfg, train_cfg, data_dir, preset, size = build_configs(args)
     if args.init_from and args.resume:
         raise ValueError("--init-from starts a new run; a resumed run continues from its own checkpoint (drop one)")
@@ -72,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_source(args.init_from)  # before the run directory is written
     result = train(model_cfg, train_cfg, data_dir, args.out, resume=args.resume, preset=preset, size=size,
-                   progress=not args.quiet, init_from=args.init_from)
+                   progress=not args.quiet, init_from=args.init_from, callbacks=callbacks)
     if int(os.environ.get("RANK", "0")) == 0:
         if result["status"] == "diverged":
             kept = (f"last good checkpoint (step {result['last_checkpoint_step']}) kept in {args.out}/checkpoints/last"
