@@ -72,6 +72,8 @@ def _prepare(module: str, rev: str | None, overlay: list[str]) -> Path:
     tool = re.sub(r"only_mutate = \[.*?\]", f"only_mutate = {_toml_list([src])}", tool, flags=re.S)
     tool = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\]",
                   f"pytest_add_cli_args_test_selection = {_toml_list(tests)}", tool, flags=re.S)
+    # fastest tests first (tools/mutmut_fast_first.py, importable through PYTHONPATH, see run())
+    tool = tool.replace('pytest_add_cli_args = [', 'pytest_add_cli_args = ["-p", "mutmut_fast_first", ', 1)
     (work / "pyproject.toml").write_text(head + tool)
     return work
 
@@ -124,7 +126,7 @@ def survivors(module: str) -> None:
 def run(module: str, jobs: int, names: list[str], rev: str | None = None, overlay: list[str] = ()) -> int:
     work = _prepare(module, rev, list(overlay))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = str(ROOT / "tools")
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *names]
     print(f"== {module}: {' '.join(cmd[1:])}  (in {work.relative_to(ROOT)})", flush=True)
     log = work / "run.log"
