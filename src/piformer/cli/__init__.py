@@ -24,6 +24,12 @@ def _subcommand_modules():
             yield module
 
 
+def _version() -> str:
+    from piformer import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="piformer",
@@ -32,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 done, 2 bad input (nothing written), 3 the run diverged (recorded), "
                "74 I/O error, 75 the run directory is in use by another process, 130 interrupted, 143 terminated",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print piformer's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for module in _subcommand_modules():
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)

@@ -38,6 +38,8 @@ def _fraction(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from piformer.cli._options import add_checkpoint_argument
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _EPILOG
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
@@ -55,8 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch")
     p.add_argument("--seq-len", type=positive_int, default=None,
                    help="tokens per sequence T (default: the model's block_size; HF models: min(128, context))")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                   help="which checkpoint of a run directory to analyse (falls back to the other)")
+    add_checkpoint_argument(p, help="which checkpoint of a run directory to analyse (falls back to the other)")
     p.add_argument("--reference", choices=("logT", "causal"), default="logT",
                    help="what the diagnosis thresholds are fractions of: log T (the paper's E_max) or the "
                         "entropy of a uniform causal head (the most a causal head can reach)")
@@ -71,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-going", action="store_true",
                    help="skip runs that cannot be analysed (e.g. diverged before their first checkpoint), "
                         "report them, and exit 1; default: stop at the first")
-    p.add_argument("--device", default="cpu", help="torch device for the forward passes")
+    p.add_argument("--device", default="cpu", help="torch device for the forward passes: cpu or cuda (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -54,8 +54,10 @@ def add_token_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from piformer.cli._options import add_checkpoint_argument
+
     p.add_argument("run_dir", help="run directory or checkpoint directory")
-    p.add_argument("--which", default="best", choices=("best", "last"), help="which checkpoint of a run")
+    add_checkpoint_argument(p)
     add_token_arguments(p)
     add_spu_arguments(p)
     p.add_argument("--two-process", action="store_true",
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from piformer.pi.tokens import resolve_tokens
 
     settings = settings_from_args(args)
-    model = load_model(args.run_dir, which=args.which)
+    model = load_model(args.run_dir, which=args.checkpoint)
     cfg = model.config
     ids, source = resolve_tokens(args.run_dir, args.seq_len, cfg.vocab_size, cfg.block_size,
                                  args.tokens, args.text, args.seed)
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     rounds = None
     if args.measure_rounds:
         rounds = measure_rounds(args.run_dir, ids, settings, delay_s=args.measure_rounds / 1e3,
-                                vocab_chunk=args.vocab_chunk, layers=args.layers, which=args.which,
+                                vocab_chunk=args.vocab_chunk, layers=args.layers, which=args.checkpoint,
                                 last_only=args.last_only)
         extra["rounds"] = {k: v for k, v in rounds.items() if k != "per_step_one_way_waits"}
     if not args.two_process:
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     env = jf.run_program(program, {**params, **jf.one_hot_chunks(ids, program.vocab_chunks)})
     reference = np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)
     t0 = time.perf_counter()
-    report = run_two_process(args.run_dir, ids, settings, which=args.which, vocab_chunk=args.vocab_chunk,
+    report = run_two_process(args.run_dir, ids, settings, which=args.checkpoint, vocab_chunk=args.vocab_chunk,
                              layers=args.layers, reference=reference, delay_s=args.delay_ms / 1e3 if args.delay_ms else None,
                              bandwidth_bps=args.bandwidth_mbit * 1e6 if args.bandwidth_mbit else None,
                              ports=(args.port, args.port + 1) if args.port else None, last_only=args.last_only)

@@ -10,8 +10,10 @@ HELP = "serve a checkpoint for secure inference: wait for a `piformer pi-query` 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from piformer.cli._options import add_checkpoint_argument
+
     p.add_argument("run_dir", help="run directory or checkpoint directory")
-    p.add_argument("--which", default="best", choices=("best", "last"), help="which checkpoint of a run")
+    add_checkpoint_argument(p)
     p.add_argument("--listen", default="127.0.0.1:9531", help="this server's host:port (default 127.0.0.1:9531)")
     p.add_argument("--client", default="127.0.0.1:9530", help="the client's host:port (default 127.0.0.1:9530)")
     p.add_argument("--queries", type=int, default=1, help="queries to serve before exiting (default 1)")
@@ -23,6 +25,6 @@ def run(args: argparse.Namespace) -> int:
     _require_spu()
     from piformer.pi.secure import serve
 
-    serve(args.run_dir, args.listen, args.client, which=args.which, max_queries=args.queries,
+    serve(args.run_dir, args.listen, args.client, which=args.checkpoint, max_queries=args.queries,
           log=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0

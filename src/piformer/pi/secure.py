@@ -501,7 +501,7 @@ def run_two_process(
         client_seen_by_server, server_seen_by_client = client_addr, server_addr
     log = Path(log_dir or tempfile.mkdtemp(prefix="piformer-serve-")) / "pi-serve.log"
     cmd = [sys.executable, "-c", "import sys; from piformer.cli import main; sys.exit(main(sys.argv[1:]))",
-           "pi-serve", str(run_dir), "--which", which, "--listen", server_addr, "--client", client_seen_by_server]
+           "pi-serve", str(run_dir), "--checkpoint", which, "--listen", server_addr, "--client", client_seen_by_server]
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:
