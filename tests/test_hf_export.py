@@ -287,3 +287,17 @@ def test_train_cli_init_from(tmp_path, data, gpt2_dir, capsys):
     assert "local Hugging Face cache" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(args + ["--out", str(tmp_path / "r"), "--resume", "--init-from", str(gpt2_dir)]) == 2
     assert "--init-from starts a new run" in capsys.readouterr().err
+
+
+def test_init_from_a_piformer_export_restores_the_model(tmp_path, data):
+    """An exported PiformerForCausalLM is a valid --init-from source: the same architecture gets
+    every tensor back (the thresholds, which the export leaves out, stay initialised)."""
+    model = _model("EReg(SM(t)+ScFuFFN)")
+    r = _export(model, tmp_path, data)
+    fresh = PiGPT(model.config).eval()
+    report = init_from_pretrained(fresh, r.out)
+    assert set(report.initialised) == {f"transformer.h.{l}.attn.reg_threshold" for l in range(2)}
+    assert not report.unused
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(fresh(idx).logits, model(idx).logits, atol=1e-5, rtol=0)
