@@ -412,3 +412,191 @@ def test_resume_takes_the_lower_of_lasts_record_and_the_best_checkpoints(tmp_pat
     assert _best_so_far(last_state, best_dir) == (2.0, 4)
     (best_dir / "trainer_state.pt").write_bytes(b"torn")  # unreadable: last's record stands
     assert _best_so_far(last_state, best_dir) == (2.0, 4)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs: every check at its edge, with a message that names the field
+
+
+def _err(call) -> str:
+    with pytest.raises(ValueError) as err:
+        call()
+    return str(err.value)
+
+
+@pytest.mark.parametrize("field, bad, edge", [
+    ("n_layer", 0, 1), ("n_head", 0, 1), ("n_embd", 0, None), ("block_size", 0, 1), ("vocab_size", 0, 1),
+    ("temperature_init", 0.0, 1e-12),
+])
+def test_model_config_sizes_must_be_positive(field, bad, edge):
+    kw = {"n_head": 1} if field == "n_embd" else {}
+    msg = _err(lambda: ModelConfig(**{**kw, field: bad}))
+    assert msg.startswith(f"ModelConfig.{field} must be") and msg.endswith(f"got {bad!r}" if field != "temperature_init" else f"got {bad}")
+    if edge is not None:
+        assert getattr(ModelConfig(**{"n_head": 1, "n_embd": 4, field: edge}), field) == edge
+
+
+def test_model_config_choices_and_combinations_name_what_is_valid():
+    assert _err(lambda: ModelConfig(norm="rms")) == "ModelConfig.norm: unknown value 'rms'; valid: 'layernorm', 'none'"
+    assert _err(lambda: ModelConfig(ffn="wide")).startswith("ModelConfig.ffn: unknown value 'wide'; valid: 'standard'")
+    assert "ModelConfig.temperature_param: unknown value 'log'" in _err(lambda: ModelConfig(temperature_param="log"))
+    assert "ModelConfig.spectral_norm: unknown group 'kq'" in _err(lambda: ModelConfig(spectral_norm="kq"))
+    assert _err(lambda: ModelConfig(n_embd=30, n_head=4)) == "ModelConfig.n_embd=30 must be divisible by n_head=4"
+    msg = _err(lambda: ModelConfig(ffn="fused", ffn_act="relu"))
+    assert "got ffn_act='relu'" in msg and "(valid with 'fused': 'none')" in msg
+    assert ModelConfig(ffn="fused", ffn_act="none").ffn == "fused"
+    cfg = ModelConfig(n_embd=48, n_head=4)
+    assert cfg.head_dim == 12
+
+
+def test_norm_groups_parse_case_and_space_insensitively():
+    from piformer.config import parse_norm_groups
+
+    assert parse_norm_groups(" QK+FFN ") == {"q", "k", "ffn"}
+    assert parse_norm_groups("qkvo") == {"q", "k", "v", "o"}
+    assert parse_norm_groups("None") == parse_norm_groups("") == parse_norm_groups(None) == frozenset()
+    msg = _err(lambda: parse_norm_groups("qk+mlp", "spectral_norm"))
+    assert msg.startswith("ModelConfig.spectral_norm: unknown group 'mlp' in 'qk+mlp'; valid groups: qk, qkv, qkvo, ffn")
+    assert "weight_norm" in _err(lambda: parse_norm_groups("x"))  # the default field name
+    cfg = ModelConfig(weight_norm="qkv", spectral_norm="ffn")
+    assert cfg.weight_norm_layers == {"q", "k", "v"} and cfg.spectral_norm_layers == {"ffn"}
+
+
+def _train_ok(**kw):
+    return TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"max_steps": 0}, "TrainConfig.max_steps must be > 0, got 0"),
+    ({"batch_size": 0}, "TrainConfig.batch_size must be > 0"),
+    ({"micro_batch_size": 0}, "TrainConfig.micro_batch_size must be > 0"),
+    ({"eval_interval": 0}, "TrainConfig.eval_interval must be > 0"),
+    ({"eval_batches": 0}, "TrainConfig.eval_batches must be > 0"),
+    ({"log_interval": 0}, "TrainConfig.log_interval must be > 0"),
+    ({"checkpoint_interval": 0}, "TrainConfig.checkpoint_interval must be > 0"),
+    ({"reg_grad_interval": -1}, "TrainConfig.reg_grad_interval must be >= 0"),
+    ({"reg_gamma": -1e-9}, "TrainConfig.reg_gamma must be >= 0"),
+    ({"reg_lambda": -1e-9}, "TrainConfig.reg_lambda must be >= 0"),
+    ({"reg_gamma": float("nan")}, "TrainConfig.reg_gamma must be >= 0"),
+    ({"lr": 0.0}, "TrainConfig.lr must be a finite number > 0, got 0.0"),
+    ({"lr": float("inf")}, "TrainConfig.lr must be a finite number > 0"),
+    ({"eps": 0.0}, "TrainConfig.eps must be a finite number > 0"),
+    ({"min_lr": -1e-9}, "TrainConfig.min_lr must be a finite number >= 0"),
+    ({"warmup": float("nan")}, "TrainConfig.warmup must be a finite number >= 0"),
+    ({"weight_decay": -0.1}, "TrainConfig.weight_decay must be a finite number >= 0"),
+    ({"grad_clip": -1.0}, "TrainConfig.grad_clip must be a finite number >= 0"),
+    ({"lr": 1e-3, "min_lr": 2e-3}, "TrainConfig.min_lr=0.002 must not exceed lr=0.001"),
+    ({"beta1": 1.0}, "TrainConfig.beta1 must be in [0, 1), got 1.0"),
+    ({"beta2": -0.1}, "TrainConfig.beta2 must be in [0, 1)"),
+    ({"schedule": "step"}, "TrainConfig.schedule: unknown value 'step'; valid: 'linear', 'cosine'"),
+    ({"dtype": "fp64"}, "TrainConfig.dtype: unknown value 'fp64'"),
+    ({"device": "tpu"}, "TrainConfig.device: unknown value 'tpu'"),
+    ({"reg_mode": "row"}, "TrainConfig.reg_mode: unknown value 'row'; valid: 'query', 'head'"),
+    ({"reg_reduction": "max"}, "TrainConfig.reg_reduction: unknown value 'max'; valid: 'sum', 'mean'"),
+    ({"reg_mode": "head"}, "TrainConfig.reg_reduction='sum' needs reg_mode='query'"),
+])
+def test_train_config_rejects_with_a_message_naming_the_field(kw, words):
+    assert words in _err(lambda: TrainConfig(**kw))
+
+
+def test_train_config_accepts_every_edge_value():
+    edge = TrainConfig(max_steps=1, batch_size=1, micro_batch_size=1, eval_interval=1, eval_batches=1,
+                       log_interval=1, checkpoint_interval=1, reg_grad_interval=0, reg_gamma=0.0, reg_lambda=0.0,
+                       lr=1e-9, eps=1e-30, min_lr=1e-9, warmup=0.0, weight_decay=0.0, grad_clip=0.0,
+                       beta1=0.0, beta2=0.0, schedule="cosine", dtype="fp32", device="cpu",
+                       reg_mode="head", reg_reduction="mean")
+    assert edge.min_lr == edge.lr and edge.reg_loss() == RegLoss(0.0, 0.0, "head", "mean")
+    assert TrainConfig.from_dict(edge.to_dict()) == edge
+    assert TrainConfig(reg_mode="query", reg_reduction="mean").reg_reduction == "mean"
+
+
+def test_presets_sizes_and_overrides_layer_in_that_order():
+    lang = ModelConfig.from_preset("SM(t)+ScFuFFN", size="languini")
+    assert (lang.block_size, lang.temperature_init, lang.ffn) == (512, 0.1, "fused")
+    over = ModelConfig.from_preset("SM(t)+ScFuFFN", size="languini", temperature_init=0.5, norm="layernorm")
+    assert (over.temperature_init, over.norm) == (0.5, "layernorm")
+    default = ModelConfig.from_preset()
+    assert (default.norm, default.ffn_act, default.n_layer, default.block_size) == ("layernorm", "gelu", 12, 128)
+    assert "unknown preset 'X'; valid presets: SM+LN+G, SM+LN+R" in _err(lambda: ModelConfig.from_preset("X"))
+    assert "unknown size 'huge'; valid sizes: gpt2-small" in _err(lambda: ModelConfig.from_preset("SM", "huge"))
+    from piformer.config import train_recipe
+
+    assert train_recipe("tiny").max_steps == 50 and train_recipe("tiny", max_steps=7).max_steps == 7
+    assert train_recipe("languini").schedule == "cosine" and train_recipe("gpt2-small") == TrainConfig()
+    assert "unknown size 'big'; valid sizes:" in _err(lambda: train_recipe("big"))
+
+
+def test_saved_configs_drop_the_moved_loss_fields_and_keep_old_temperatures_raw():
+    new = ModelConfig.from_preset("EReg(SM(t)+ScFuFFN)", size="tiny").to_dict()
+    assert ModelConfig.from_saved(new).temperature_param == "exp"
+    legacy = {k: v for k, v in new.items() if k != "temperature_param"}
+    legacy.update(reg_lambda=1e-5, reg_gamma=0.2, reg_mode="query")
+    old = ModelConfig.from_saved(legacy)
+    assert old.temperature_param == "raw" and not hasattr(old, "reg_lambda")
+    assert ModelConfig.from_saved({**legacy, "temperature_param": "exp"}).temperature_param == "exp"
+    only_gamma = {k: v for k, v in legacy.items() if k not in ("reg_lambda", "reg_mode")}
+    assert ModelConfig.from_saved(only_gamma).temperature_param == "raw"
+    assert "reg_lambda" in legacy  # from_saved reads a copy
+
+
+def test_json_files_and_text_read_back(tmp_path):
+    cfg = ModelConfig.from_preset("SM+WN(QK)", size="tiny")
+    text = cfg.to_json(tmp_path / "c.json")
+    on_disk = (tmp_path / "c.json").read_text()
+    assert on_disk == text + "\n" and text.startswith('{\n  "attn_temperature": false,')  # sorted, indented
+    assert ModelConfig.from_json(tmp_path / "c.json") == cfg
+    assert ModelConfig.from_json(str(tmp_path / "c.json")) == cfg
+    assert ModelConfig.from_json("  \n" + text) == cfg
+    assert _err(lambda: ModelConfig.from_dict({"n_layer": "two"})) == "ModelConfig.n_layer: cannot read 'two' as int"
+    assert "unknown ModelConfig field(s) 'a', 'b'; valid fields: n_layer, n_head" in _err(
+        lambda: ModelConfig.from_dict({"b": 1, "a": 2}))
+
+
+@pytest.mark.parametrize("field, text, value", [
+    ("bias", "yes", True), ("bias", " ON ", True), ("bias", "1", True), ("bias", "off", False),
+    ("bias", "No", False), ("bias", "0", False), ("bias", 1, True), ("bias", 0.0, False),
+    ("n_layer", "1e1", 10), ("n_layer", "7", 7), ("n_layer", 3.0, 3), ("temperature_init", "3e-4", 3e-4),
+    ("temperature_init", 2, 2.0), ("norm", "none", "none"),
+])
+def test_cli_strings_become_the_fields_type(field, text, value):
+    got = getattr(ModelConfig.from_dict({field: text}), field)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("field, text", [
+    ("bias", "maybe"), ("bias", 2), ("bias", None), ("n_layer", 2.5), ("n_layer", "2.5"), ("temperature_init", "hot"),
+])
+def test_values_that_do_not_fit_the_type_are_refused(field, text):
+    kind = {"bias": "bool", "n_layer": "int", "temperature_init": "float"}[field]
+    assert _err(lambda: ModelConfig.from_dict({field: text})) == f"ModelConfig.{field}: cannot read {text!r} as {kind}"
+
+
+def test_every_field_of_both_configs_has_its_docstring():
+    from dataclasses import fields
+
+    from piformer.config import field_docs
+
+    docs = field_docs(TrainConfig)
+    assert {f.name for f in fields(TrainConfig)} == set(docs)
+    assert docs["max_steps"] == "Optimizer steps to train for."
+    assert field_docs(ModelConfig)["n_layer"] == "Number of transformer blocks (L)."
+    assert "  " not in field_docs(ModelConfig)["norm"] and "\n" not in field_docs(ModelConfig)["norm"]
+    assert field_docs(int) == {}  # no source to read: nothing, not an error
+
+
+def test_set_overrides_split_sections_and_refuse_what_is_unknown():
+    from piformer.config import parse_overrides
+
+    assert parse_overrides(None) == parse_overrides([]) == {"model": {}, "train": {}}
+    got = parse_overrides([" model.n_layer =4", "lr=3e-4", "bias=false", "train.reg_mode=a=b"])
+    assert got == {"model": {"n_layer": "4", "bias": "false"}, "train": {"lr": "3e-4", "reg_mode": "a=b"}}
+    assert _err(lambda: parse_overrides(["n_layer"])) == "--set expects key=value, got 'n_layer'"
+    assert _err(lambda: parse_overrides(["optim.lr=1"])) == (
+        "--set optim.lr: unknown section 'optim'; valid sections: model, train")
+    msg = _err(lambda: parse_overrides(["depth=3"]))
+    assert msg.startswith("--set depth: unknown config key; valid keys: model.attn_temperature, ")
+    assert "train.weight_decay" in msg
+    assert _err(lambda: parse_overrides(["model.reg_gamma=0.1"])) == (
+        "--set model.reg_gamma: the regulariser's loss settings are training settings now; use train.reg_gamma")
+    assert _err(lambda: parse_overrides(["train.n_layer=2"])).startswith(
+        "--set train.n_layer: unknown train field 'n_layer'; valid train fields: batch_size, beta1")
