@@ -61,6 +61,7 @@ def test_run_on_its_data_matches_the_training_evaluation(run, capsys):
     r = _json(capsys)
     assert r["loss"] == pytest.approx(want["val_loss"], abs=1e-6) and r["tokens"] == want["val_tokens"]
     assert r["val_loss"] == r["loss"] and r["ppl"] == pytest.approx(math.exp(r["loss"]))
+    assert r["val_tokens"] == r["tokens"] and r["checkpoint"].endswith("best") and r["data_dir"] == r["data"]
     assert r["data_kind"] == "data" and r["step"] == 6 and r["warning"] is None and r["loss_stderr"] > 0
     # The library entry point reproduce() uses keeps its keys.
     ev = evaluate_run(run, batch_size=4)

@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     r = evaluate(args.model, args.data, which=args.checkpoint, max_batches=args.batches,
                  batch_size=args.batch_size, device=args.device, tokenizer=args.tokenizer)
-    if r["data_kind"] == "data":
-        r["val_loss"] = r["loss"]  # the key earlier versions printed, kept for scripts
+    if r["data_kind"] == "data":  # the keys earlier versions printed for a val split, kept for scripts
+        r.update(val_loss=r["loss"], val_tokens=r["tokens"], checkpoint=r["model"], data_dir=r["data"])
     if args.json:
         print(json.dumps(r, indent=1))
     else:
