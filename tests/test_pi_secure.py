@@ -16,7 +16,7 @@ from piformer.config import ModelConfig  # noqa: E402
 from piformer.model import PiGPT  # noqa: E402
 from piformer.pi.jax_forward import state_dict_to_numpy  # noqa: E402
 from piformer.pi.secure import SecureReport, latency_model, run_secure  # noqa: E402
-from piformer.pi.spu_backend import SPUSettings, local_share, parse_log, require_spu  # noqa: E402
+from piformer.pi.spu_backend import SPUSettings, local_share, mem_link_desc, parse_log, require_spu  # noqa: E402
 
 pytestmark = pytest.mark.spu
 
@@ -160,3 +160,9 @@ def test_measured_waits_over_a_delayed_link(tmp_path):
     assert r["wall_delayed_s"] > r["wall_s"]
     assert 20 < r["one_way_waits"] < r["messages"]
     assert r["per_class_one_way_waits"]["softmax"] > r["per_class_one_way_waits"]["matmul"]
+
+
+def test_each_in_memory_session_gets_its_own_link():
+    """Sessions in one process must not share channels: a message one left unread would reach the next."""
+    ids = {mem_link_desc().id for _ in range(3)}
+    assert len(ids) == 3 and all(ids)

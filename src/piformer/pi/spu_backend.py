@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 import threading
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,9 @@ def mem_link_desc(recv_timeout_s: float = 3600.0):
     import spu.libspu as libspu
 
     desc = libspu.link.Desc()
+    # Its own id per session: in-memory links with one id share channels process-wide, so a
+    # message a session left unread would reach the next one.
+    desc.id = f"piformer-mem-{uuid.uuid4().hex}"
     desc.add_party("client", "thread_0")
     desc.add_party("server", "thread_1")
     desc.recv_timeout_ms = int(recv_timeout_s * 1000)  # the 30 s default kills large HE matmuls
