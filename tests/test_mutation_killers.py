@@ -600,3 +600,139 @@ def test_set_overrides_split_sections_and_refuse_what_is_unknown():
         "--set model.reg_gamma: the regulariser's loss settings are training settings now; use train.reg_gamma")
     assert _err(lambda: parse_overrides(["train.n_layer=2"])).startswith(
         "--set train.n_layer: unknown train field 'n_layer'; valid train fields: batch_size, beta1")
+
+
+# ---------------------------------------------------------------------------------------
+# The model's construction and bookkeeping
+
+
+def test_bias_false_removes_every_bias_and_init_follows_init_std():
+    torch.manual_seed(0)
+    model = PiGPT(ModelConfig.from_preset("SM+LN+G", size="tiny", bias=False, init_std=0.3, n_embd=64))
+    assert all(m.bias is None for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)))
+    w = model.transformer.h[0].mlp.c_fc.weight
+    assert abs(w.std().item() - 0.3) < 0.02 and abs(w.mean().item()) < 0.02
+    assert abs(model.transformer.wpe.weight.std().item() - 0.3) < 0.03
+    with_bias = tiny("SM+LN+G")
+    biases = [m.bias for m in with_bias.modules() if isinstance(m, torch.nn.Linear) and m is not with_bias.lm_head]
+    assert biases and all(b is not None and torch.all(b == 0) for b in biases)
+    assert all(m.bias is not None for m in with_bias.modules() if isinstance(m, torch.nn.LayerNorm))
+
+
+def test_fresh_learnables_start_where_the_paper_says():
+    model = tiny("EReg(SM(t)+ScFuFFN)", reg_threshold_init=0.3, temperature_init=0.05)
+    b = model.transformer.h[1]
+    assert b.ffn_alpha.item() == 1.0 and b.ffn_beta.item() == 1.0 and b.ffn_alpha.shape == ()
+    torch.testing.assert_close(model.thresholds(), torch.full((2, 2), 0.3))
+    torch.testing.assert_close(b.attn.temperature_leaf, torch.full((2, 16), math.log(0.05)))  # stored as log t
+    raw = tiny("SM(t)+ScFuFFN", temperature_param="raw", temperature_init=0.05).transformer.h[0].attn
+    assert raw.temperature_leaf is raw.temperature and torch.all(raw.temperature == 0.05)
+    assert not parametrize.is_parametrized(raw, "temperature")
+    assert "transformer.h.0.attn.causal" not in model.state_dict()  # rebuilt, never saved
+    assert torch.equal(b.attn.causal, torch.ones(16, 16, dtype=torch.bool).tril())
+
+
+def test_gelu_is_the_tanh_approximation_and_relu_is_relu():
+    for preset, act in (("SM+LN+G", lambda z: torch.nn.functional.gelu(z, approximate="tanh")),
+                        ("SM+LN+R", torch.relu)):
+        mlp = tiny(preset).transformer.h[0].mlp
+        x = torch.randn(3, 32) * 3
+        with torch.no_grad():
+            torch.testing.assert_close(mlp(x), mlp.c_proj(act(mlp.c_fc(x))))
+    assert tiny("SM+LN+G").transformer.h[0].mlp.c_fc.out_features == 4 * 32
+
+
+def test_dropout_acts_in_training_only_and_everywhere_it_is_configured():
+    model = tiny("SM+LN+G", dropout=0.5)
+    idx = tokens(model.config)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(idx).logits, model(idx, return_attention=True).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        c = model(idx).logits
+        torch.manual_seed(1)
+        d = model(idx).logits
+        torch.manual_seed(0)
+        e = model(idx).logits
+        f = model(idx, return_attention=True).logits
+    assert not torch.allclose(c, d) and torch.equal(c, e)  # random, and from torch's generator
+    assert not torch.allclose(f, a, atol=1e-3)  # the explicit path drops too
+
+
+def test_forward_outputs_depend_on_what_was_asked():
+    model = tiny("SM+LN+G").eval()
+    idx = tokens(model.config)
+    plain = model(idx)
+    assert plain.head_entropy is None and plain.attentions is None and plain.cache == {} and plain.loss is None
+    ent = model(idx, return_entropy=True)
+    assert ent.head_entropy.shape == (2, 2) and ent.attentions is None and ent.cache == {}
+    att = model(idx, return_attention=True)
+    torch.testing.assert_close(ent.head_entropy, att.head_entropy, rtol=1e-4, atol=1e-5)
+    assert sorted(att.cache) == ["blocks.0.attn.hook_entropy", "blocks.0.attn.hook_pattern",
+                                 "blocks.1.attn.hook_entropy", "blocks.1.attn.hook_pattern"]
+    assert att.cache["blocks.0.attn.hook_pattern"] is att.attentions[0]
+    torch.testing.assert_close(att.head_entropy[0], row_entropy(att.attentions[0]).mean(dim=(0, 2)))
+    short = model(idx[:, :5], return_attention=True)  # shorter than the context: positions 0..4
+    torch.testing.assert_close(short.logits, att.logits[:, :5], rtol=1e-5, atol=1e-5)
+    msg = _err(lambda: model(torch.zeros(1, 17, dtype=torch.long)))
+    assert msg == "sequence length 17 exceeds the model's context block_size=16; pass at most 16 tokens"
+
+
+def test_cross_entropy_is_the_mean_over_targets_and_ignores_minus_one():
+    model = tiny("SM+LN+G").eval()
+    idx = tokens(model.config)
+    tgt = torch.roll(idx, -1, 1)
+    with torch.no_grad():
+        out = model(idx, targets=tgt)
+        logp = torch.log_softmax(out.logits.double(), -1)
+        want = -logp.gather(-1, tgt[..., None]).mean()
+        torch.testing.assert_close(out.ce_loss.double(), want, rtol=1e-5, atol=1e-6)
+        masked = tgt.clone()
+        masked[:, 8:] = -1
+        want_masked = -logp[:, :8].gather(-1, tgt[:, :8, None]).mean()
+        torch.testing.assert_close(model(idx, targets=masked).ce_loss.double(), want_masked, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(idx[:, :-1], targets=idx[:, 1:]).loss, model(idx[:, :-1], targets=idx[:, 1:].clone()).loss)
+
+
+def test_parameter_counts_exclude_positions_only_when_asked():
+    model = tiny("SM+LN+G")
+    total = sum(p.numel() for p in model.parameters())  # the tied head counted once
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - model.transformer.wpe.weight.numel()
+
+
+def test_weight_decay_applies_exactly_to_the_weight_matrices():
+    model = tiny("EReg(SM(t)+ScFuFFN)", weight_norm="qk", bias=True, norm="layernorm")
+    groups = model.optim_groups(0.25)
+    assert [g["weight_decay"] for g in groups] == [0.25, 0.0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    for n, p in model.named_parameters():
+        exempt = p.dim() < 2 or "temperature" in n or n.endswith("original0")
+        assert (n in no_decay) == exempt and (n in decay) == (not exempt), n
+    assert any(n.endswith("original1") for n in decay)  # weight norm's direction V decays, its g does not
+    frozen = tiny("SM+LN+G")
+    frozen.transformer.wpe.weight.requires_grad_(False)
+    assert all(p is not frozen.transformer.wpe.weight for g in frozen.optim_groups(0.1) for p in g["params"])
+
+
+def test_generation_appends_tokens_greedily_at_top_k_1_and_slides_the_context():
+    model = tiny("SM+LN+G").eval()
+    idx = tokens(model.config, B=2)[:, :10]
+    out = model.generate(idx, 12, top_k=1)  # 22 tokens: more than the 16-token context
+    assert out.shape == (2, 22) and torch.equal(out[:, :10], idx)
+    seq = idx
+    for _ in range(12):  # greedy by hand, on the last block_size tokens
+        nxt = model(seq[:, -16:]).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+    assert torch.equal(model.generate(idx, 4, temperature=0.0), seq[:, :14])  # t -> 0 is greedy too
+    torch.manual_seed(5)
+    a = model.generate(idx, 6, temperature=5.0)
+    torch.manual_seed(5)
+    b = model.generate(idx, 6, temperature=5.0)
+    assert torch.equal(a, b) and not torch.equal(a, seq[:, :16])
