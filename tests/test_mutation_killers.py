@@ -736,3 +736,112 @@ def test_generation_appends_tokens_greedily_at_top_k_1_and_slides_the_context():
     torch.manual_seed(5)
     b = model.generate(idx, 6, temperature=5.0)
     assert torch.equal(a, b) and not torch.equal(a, seq[:, :16])
+
+
+# ---------------------------------------------------------------------------------------
+# The analytic PI cost (pi/cost.py): every number and the text that prints it
+
+
+def test_nonlinear_ops_print_in_the_papers_notation():
+    from piformer.pi.cost import NonlinearOp
+
+    ops = [NonlinearOp("softmax", 144, (128, 128)), NonlinearOp("layernorm", 24, (128, 768)),
+           NonlinearOp("gelu", 12, (128, 3072)), NonlinearOp("relu", 1, (5, 7))]
+    assert [op.paper_str() for op in ops] == [
+        "SM:144xR^{128x128}", "LN:24xR^{128x768}", "G:12xR^{128x3072}", "R:1xR^{5x7}"]
+    assert [op.elements for op in ops] == [144 * 128 * 128, 24 * 128 * 768, 12 * 128 * 3072, 35]
+
+
+@pytest.mark.parametrize("flops, printed", [
+    (1_244_999_999, "1.2B"), (1_245_000_000, "1.3B"), (1_249_999_999, "1.3B"), (7_247_757_312, "7.3B"),
+    (7_240_000_000, "7.2B"), (950_000_000, "1.0B"), (0, "0.0B"), (14_495_514_624, "14.5B"),
+])
+def test_paper_billions_rounds_half_up_twice(flops, printed):
+    from piformer.pi.cost import paper_billions
+
+    assert paper_billions(flops) == printed
+
+
+def test_cost_counts_every_term_for_a_small_shape():
+    from piformer.pi.cost import pi_cost
+
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=8, block_size=10, vocab_size=11,
+                      attn_temperature=True, ffn_scale=True, ffn="fused", ffn_act="none", norm="none")
+    c = pi_cost(cfg, 6, preset="mine")
+    L, H, d, T, V = 3, 2, 8, 6, 11
+    assert (c.preset, c.n_layer, c.n_head, c.n_embd, c.seq_len, c.vocab_size) == ("mine", L, H, d, T, V)
+    assert c.macs == {"qkvo_projections": 4 * T * d * d * L, "attention_scores": T * T * d * L,
+                      "attention_values": T * T * d * L, "ffn": T * d * d * L,
+                      "blocks_total": (4 * T * d * d + 2 * T * T * d + T * d * d) * L}
+    assert c.elementwise == {"temperature_scaling": H * T * (d // H) * L, "ffn_beta_scaling": T * d * L}
+    assert c.embedding_macs == T * V * d and c.head_macs == T * d * V
+    assert c.ffn_flops == 2 * T * d * d * L and c.attn_flops == 8 * T * d * d * L + 3 * T * T * d * L
+    assert c.nonlinear_str() == "SM:6xR^{6x6}"
+    assert pi_cost(cfg).seq_len == 10 and pi_cost(cfg, None).seq_len == 10  # default: the block size
+    plain = pi_cost(ModelConfig.from_preset("SM+LN+G", size="tiny"))
+    assert plain.elementwise == {} and plain.nonlinear_str() == "SM:4xR^{16x16}, LN:4xR^{16x32}, G:2xR^{16x128}"
+    assert _err(lambda: pi_cost(cfg, -1)) == "seq_len must be a positive integer, got -1"
+    assert _err(lambda: pi_cost(cfg, 11)) == "seq_len=11 exceeds the model's block_size=10"
+
+
+def test_cost_as_json_holds_the_paper_strings_and_every_count():
+    from piformer.pi.cost import pi_cost
+
+    d = pi_cost(ModelConfig.from_preset("SM+LN+R", size="gpt2-small"), preset="SM+LN+R").to_dict()
+    assert d["ffn_flops_paper"] == "14.5B" and d["attn_flops_paper"] == "7.7B" and d["preset"] == "SM+LN+R"
+    assert d["nonlinear"][0] == {"kind": "softmax", "count": 144, "shape": (128, 128),
+                                 "elements": 144 * 128 * 128, "paper": "SM:144xR^{128x128}"}
+    assert d["nonlinear"][2]["paper"] == "R:12xR^{128x3072}"
+    assert d["final_layernorm"] == {"kind": "layernorm", "count": 1, "shape": (128, 768), "elements": 128 * 768}
+    assert d["macs"]["blocks_total"] == sum(v for k, v in d["macs"].items() if k != "blocks_total")
+
+
+def test_the_papers_row_is_found_only_for_its_own_shape():
+    from piformer.pi.cost import PAPER_TABLES, paper_row
+
+    small = ModelConfig.from_preset("SM+LN+G", size="gpt2-small")
+    assert paper_row("SM+LN+G", small, 128) == ("2", PAPER_TABLES["2"]["rows"]["SM+LN+G"])
+    assert paper_row("SM+ScFuFFN", small, 256)[0] == "6"
+    assert paper_row("SM+LN+R", small, 512)[0] == "3"
+    assert paper_row("SM+LN+G", ModelConfig.from_preset("SM+LN+G", size="gpt2-18l"), 128)[0] == "7"
+    assert paper_row("SM+LN+G", small, 64) is None
+    assert paper_row("SM+G", small, 128) is None  # not a row the paper printed
+    assert paper_row("SM+LN+G", ModelConfig.from_preset("SM+LN+G", size="cpu-small"), 128) is None
+
+
+def test_cost_table_prints_every_number():
+    from piformer.pi.cost import format_cost, pi_cost
+
+    cfg = ModelConfig.from_preset("SM(t)+ScFuFFN", size="gpt2-small")
+    text = format_cost(pi_cost(cfg, preset="SM(t)+ScFuFFN"))
+    lines = text.splitlines()
+    assert lines[0] == "architecture SM(t)+ScFuFFN: L=12 H=12 d=768 T=128 V=50304"
+    assert "  softmax      144 x R^(128 x 128)        2,359,296 elements   [SM:144xR^{128x128}]" in lines
+    assert "  (final LayerNorm: 1 x R^(128 x 768), not counted by the paper)" in lines
+    assert "  FFN      1.8B   (1,811,939,328)" in lines and "  Attn     7.7B   (7,700,742,144)" in lines
+    assert any(line.startswith("  qkvo_projections") and line.endswith("3,623,878,656") for line in lines)
+    assert any(line.startswith("  embedding (1-hot)") and "(T x V x d; a plaintext lookup is free)" in line for line in lines)
+    assert any(line.startswith("  temperature_scaling") and "(elementwise products)" in line for line in lines)
+    assert "architecture (from config):" in format_cost(pi_cost(cfg))
+
+
+def test_model_config_is_found_in_a_run_a_checkpoint_or_a_file(tmp_path):
+    import json
+
+    from piformer.pi.cost import load_model_config
+
+    cfg = ModelConfig.from_preset("SM+ScFuFFN", size="tiny")
+    for rel in ("checkpoints/last/config.json", "checkpoints/best/config.json", "config.json"):
+        f = tmp_path / "run" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        want = {"checkpoints/last/config.json": 2, "checkpoints/best/config.json": 3, "config.json": 5}[rel]
+        body = {**cfg.to_dict(), "n_layer": want}
+        f.write_text(json.dumps({"model": body} if rel == "config.json" else body))
+        assert load_model_config(tmp_path / "run").n_layer == want  # the run's config.json, then best, then last
+    assert load_model_config(tmp_path / "run" / "checkpoints" / "last" / "config.json") == cfg
+    assert load_model_config(tmp_path / "run" / "checkpoints" / "best") == cfg
+    with pytest.raises(FileNotFoundError, match="no such run directory or file: "):
+        load_model_config(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no config.json in .*empty \(looked at: .*config.json"):
+        load_model_config(tmp_path / "empty")
