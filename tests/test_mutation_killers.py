@@ -845,3 +845,104 @@ def test_model_config_is_found_in_a_run_a_checkpoint_or_a_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no config.json in .*empty \(looked at: .*config.json"):
         load_model_config(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_checkpoint_files_hold_the_weights_once_and_say_what_they_are(tmp_path):
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    from piformer.checkpoint import load_trainer_state, save_checkpoint
+
+    model = tiny("SM+LN+G")
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "run" / "ck", model)  # parent created
+    finally:
+        os.umask(old)
+    assert path == tmp_path / "run" / "ck" and sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+    assert load_trainer_state(path) is None
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "library": "piformer"}
+        assert "lm_head.weight" not in f.keys() and "transformer.wte.weight" in f.keys()
+    assert json.loads((path / "config.json").read_text()) == model.config.to_dict()
+    assert (path / "config.json").read_text().endswith("}\n")
+    assert oct(path.stat().st_mode & 0o777) == "0o755"
+    assert {oct(f.stat().st_mode & 0o777) for f in path.iterdir()} == {"0o644"}
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, inner, attr):
+        super().__init__()
+        setattr(self, attr, inner)
+
+
+@pytest.mark.parametrize("attr", ["module", "_orig_mod"])
+def test_wrapped_models_are_saved_as_the_model_inside(tmp_path, attr):
+    """DDP keeps the model in .module, torch.compile in ._orig_mod: the checkpoint must hold
+    the bare model's names (no 'module.' prefix), loadable by load_model."""
+    from piformer.checkpoint import load_model, save_checkpoint
+
+    model = tiny("SM(t)+ScFuFFN")
+    save_checkpoint(tmp_path / "ck", _Wrapper(model, attr))
+    loaded = load_model(tmp_path / "ck")
+    idx = tokens(model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx).logits, model.eval()(idx).logits)
+    assert not loaded.training
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    import os
+
+    from piformer import checkpoint as ck
+
+    model = tiny("SM")
+    ck.save_checkpoint(tmp_path / "last", model, trainer_state={"step": 1})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint(tmp_path / "last", model, trainer_state={"step": 2})
+    assert sorted(os.listdir(tmp_path)) == ["last"]
+    assert ck.load_trainer_state(tmp_path / "last")["step"] == 1
+
+
+def test_resolution_prefers_the_requested_checkpoint_and_recovers_old_ones(tmp_path):
+    import os
+
+    from piformer.checkpoint import resolve_checkpoint, save_checkpoint
+
+    model = tiny("SM")
+    ck = tmp_path / "run" / "checkpoints"
+    save_checkpoint(ck / "best", model)
+    assert resolve_checkpoint(tmp_path / "run", which="last") == ck / "best"  # no last: best
+    save_checkpoint(ck / "last", model)
+    assert resolve_checkpoint(tmp_path / "run", which="last") == ck / "last"
+    assert resolve_checkpoint(tmp_path / "run") == ck / "best"
+    os.replace(ck / "best", ck / "best.old")  # a kill between the two renames of a save of best
+    assert resolve_checkpoint(tmp_path / "run") == ck / "best.old"
+    assert resolve_checkpoint(ck / "best") == ck / "best.old"
+    assert resolve_checkpoint(ck / "last") == ck / "last"
+
+
+def test_unreadable_checkpoint_parts_are_value_errors_naming_the_file(tmp_path):
+    from piformer.checkpoint import load_config, load_trainer_state, save_checkpoint
+
+    model = tiny("SM")
+    save_checkpoint(tmp_path / "ck", model, trainer_state={"step": 3, "t": torch.arange(4)})
+    state = load_trainer_state(tmp_path / "ck", mmap=True)
+    assert state["step"] == 3 and torch.equal(state["t"], torch.arange(4))
+    (tmp_path / "ck" / "trainer_state.pt").write_bytes(b"\x80\x02torn")
+    with pytest.raises(ValueError, match=r"corrupt checkpoint .*ck: cannot read trainer_state.pt \("):
+        load_trainer_state(tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"corrupt checkpoint .*ck: config.json is not valid JSON \("):
+        load_config(tmp_path / "ck")
