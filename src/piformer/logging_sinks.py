@@ -66,13 +66,14 @@ def dispatch(listener: Any, record: dict[str, Any]) -> None:
 
 
 def require(module: str, package: str | None = None, what: str | None = None):
-    """Import an optional logger's module, or raise ValueError saying how to install it."""
+    """Import an optional logger's module, or raise ValueError saying how to install it
+    (the package alone, or as piformer's extra of the same name)."""
     package = package or module.split(".")[0]
     try:
         return importlib.import_module(module)
     except ImportError:
         raise ValueError(f"{what or package} needs the {package} package, which is not installed: "
-                         f"pip install {package}") from None
+                         f"pip install {package} (or pip install 'piformer[{package}]')") from None
 
 
 def require_tensorboard():
