@@ -946,3 +946,119 @@ def test_unreadable_checkpoint_parts_are_value_errors_naming_the_file(tmp_path):
     (tmp_path / "ck" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"corrupt checkpoint .*ck: config.json is not valid JSON \("):
         load_config(tmp_path / "ck")
+
+
+# ---------------------------------------------------------------------------------------
+# Training helpers (train.py) that the end-to-end tests exercise only in passing
+
+
+def test_warmup_is_a_fraction_below_one_and_a_step_count_from_one():
+    from piformer.train import lr_at, warmup_steps
+
+    assert warmup_steps(TrainConfig(max_steps=10, warmup=0.25)) == 2  # round(2.5) -> 2 (banker's)
+    assert warmup_steps(TrainConfig(max_steps=10, warmup=0.35)) == 4
+    assert warmup_steps(TrainConfig(max_steps=10, warmup=1)) == 1
+    assert warmup_steps(TrainConfig(max_steps=10, warmup=3.7)) == 3
+    assert warmup_steps(TrainConfig(max_steps=10, warmup=0)) == 0
+    no_warm = TrainConfig(max_steps=4, warmup=0, lr=1.0, min_lr=0.0)
+    assert [lr_at(s, no_warm) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    only_warm = TrainConfig(max_steps=3, warmup=5, lr=1.0)
+    assert [lr_at(s, only_warm) for s in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0], abs=1e-15)
+    cos = TrainConfig(max_steps=4, warmup=0, lr=1.0, min_lr=0.2, schedule="cosine")
+    assert lr_at(0, cos) == 1.0 and lr_at(4, cos) == pytest.approx(0.2) and lr_at(9, cos) == pytest.approx(0.2)
+    assert lr_at(1, cos) == pytest.approx(0.2 + 0.4 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(9, no_warm) == 0.0  # past the end: held at min_lr, never below
+
+
+def test_single_process_defaults_and_devices(monkeypatch):
+    from piformer import train as tr
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    d = tr._setup_dist("cpu")
+    assert (d.rank, d.local_rank, d.world, d.created, d.master, d.on) == (0, 0, 1, False, True, False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert tr._setup_dist("cpu") == tr._Dist()
+    assert tr._Dist(rank=1, world=2).master is False and tr._Dist(world=2).on is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tr._resolve_device(TrainConfig(device="auto"), d) == torch.device("cpu")
+    assert tr._resolve_device(TrainConfig(device="cpu"), d) == torch.device("cpu")
+    assert "TrainConfig.device='cuda' but no CUDA device is available" in _err(
+        lambda: tr._resolve_device(TrainConfig(device="cuda"), d))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert tr._autocast_dtype(TrainConfig(dtype="auto"), cpu) is None
+    assert tr._autocast_dtype(TrainConfig(dtype="auto"), cuda) is torch.bfloat16
+    assert tr._autocast_dtype(TrainConfig(dtype="bf16"), cpu) is torch.bfloat16
+    assert tr._autocast_dtype(TrainConfig(dtype="fp16"), cuda) is torch.float16
+    assert tr._autocast_dtype(TrainConfig(dtype="fp32"), cuda) is None
+    assert "TrainConfig.dtype='fp16' needs CUDA" in _err(lambda: tr._autocast_dtype(TrainConfig(dtype="fp16"), cpu))
+
+
+def test_mixed_seeds_are_stable_64_bit_and_order_sensitive():
+    from piformer.train import _mix_seed
+
+    a = _mix_seed(1337, 5, 0)
+    assert a == _mix_seed(1337, 5, 0) and 0 <= a < 2**64 and a >= 2**32  # uses the full width
+    assert len({a, _mix_seed(1337, 0, 5), _mix_seed(1337, 5, 1), _mix_seed(1338, 5, 0)}) == 4
+
+
+def test_model_and_threshold_statistics_for_the_metrics(tmp_path):
+    from piformer.train import _model_stats, _pattern_params
+
+    model = tiny("EReg(SM(t)+ScFuFFN)", temperature_param="raw")
+    with torch.no_grad():
+        model.transformer.h[0].attn.reg_threshold.copy_(torch.tensor([0.2, 0.6]))
+        model.transformer.h[1].attn.temperature[:, :4] = -1.0
+    s = _model_stats(model)
+    assert s["thresholds"] == [[pytest.approx(0.2), pytest.approx(0.6)], [0.5, 0.5]]
+    assert s["threshold_stats"]["mean"] == [pytest.approx(0.4), 0.5]
+    assert s["threshold_stats"]["std"] == [pytest.approx(0.2 * math.sqrt(2)), 0.0]  # unbiased std of 2 values
+    t = s["temperature"]
+    assert t["min"] == [pytest.approx(0.01), -1.0] and t["max"] == [pytest.approx(0.01), pytest.approx(0.01)]
+    assert t["frac_nonpos"] == [0.0, 0.25] and t["mean"][0] == pytest.approx(0.01) and t["std"][0] == pytest.approx(0)
+    assert t["mean"][1] == pytest.approx(0.25 * -1.0 + 0.75 * 0.01)
+    assert _model_stats(tiny("SM+LN+G")) == {}
+    m = tiny("SM(t)+ScFuFFN")
+    ids = {id(p) for p in _pattern_params(m)}
+    picked = {n for n, p in m.named_parameters() if id(p) in ids}
+    assert picked == {f"transformer.h.{l}.attn.{x}" for l in range(2)
+                      for x in ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias",
+                                "parametrizations.temperature.original")}
+
+
+def test_regulariser_gradient_ratio_is_the_ratio_of_the_two_gradient_norms():
+    from piformer.train import _pattern_params, reg_grad_ratio
+
+    model = tiny("EReg(SM(t)+ScFuFFN)")
+    _sharpen(model)
+    idx = tokens(model.config)
+    reg = RegLoss(lam=0.5)
+    r = reg_grad_ratio(model, idx, idx, reg)
+    assert all(p.grad is None for p in model.parameters())  # .grad left alone
+    params = _pattern_params(model)
+    o = model(idx, idx, reg=reg)
+    g_ce = torch.autograd.grad(o.ce_loss, params, retain_graph=True)
+    g_reg = torch.autograd.grad(0.5 * o.reg_loss, params)
+    n = lambda gs: math.sqrt(sum(float(g.square().sum()) for g in gs))  # noqa: E731
+    assert r["ce_grad_norm"] == pytest.approx(n(g_ce), rel=1e-4)
+    assert r["reg_grad_norm"] == pytest.approx(n(g_reg), rel=1e-4) and r["reg_grad_norm"] > 0
+    assert r["reg_grad_ratio"] == pytest.approx(r["reg_grad_norm"] / r["ce_grad_norm"], rel=1e-9)
+
+
+def test_resume_checks_name_what_differs():
+    from piformer.train import _check_resume_compatible, _model_diff
+
+    a = ModelConfig.from_preset("SM+LN+G", size="tiny")
+    b = ModelConfig.from_preset("SM+LN+R", size="tiny", n_layer=3)
+    assert _model_diff(a, b) == [("n_layer", 2, 3), ("ffn_act", "gelu", "relu")]
+    assert _model_diff(a, a) == []
+    saved = {"model": a.to_dict(), "data": {"fingerprint": {"train_sha256": "x", "tokenizer_sha256": "t"}}}
+    _check_resume_compatible(saved, a, {"train_sha256": "x", "tokenizer_sha256": "t"})
+    _check_resume_compatible({"model": a.to_dict()}, a, {})  # an old run without fingerprints
+    assert _err(lambda: _check_resume_compatible(saved, b, {})) == (
+        "--resume with a different model config than the run's: n_layer: 2 -> 3; ffn_act: 'gelu' -> 'relu'")
+    assert _err(lambda: _check_resume_compatible(saved, a, {"train_sha256": "y", "tokenizer_sha256": "u"})) == (
+        "--resume with different data than the run was trained on (train_sha256, tokenizer_sha256 changed)")
+    assert "(tokenizer_sha256 changed)" in _err(
+        lambda: _check_resume_compatible(saved, a, {"train_sha256": "x", "tokenizer_sha256": "u"}))
