@@ -496,7 +496,13 @@ def _train_ok(**kw):
     ({"reg_mode": "head"}, "TrainConfig.reg_reduction='sum' needs reg_mode='query'"),
 ])
 def test_train_config_rejects_with_a_message_naming_the_field(kw, words):
-    assert words in _err(lambda: TrainConfig(**kw))
+    assert _err(lambda: TrainConfig(**kw)).startswith(words)
+
+
+def test_head_mode_with_sum_says_which_pairs_are_valid():
+    assert _err(lambda: TrainConfig(reg_mode="head", reg_reduction="sum")) == (
+        "TrainConfig.reg_reduction='sum' needs reg_mode='query' (the head form penalises one query-averaged "
+        "entropy per head: nothing to sum); use reg_reduction='mean' with reg_mode='head'")
 
 
 def test_train_config_accepts_every_edge_value():
@@ -598,6 +604,8 @@ def test_set_overrides_split_sections_and_refuse_what_is_unknown():
     assert "train.weight_decay" in msg
     assert _err(lambda: parse_overrides(["model.reg_gamma=0.1"])) == (
         "--set model.reg_gamma: the regulariser's loss settings are training settings now; use train.reg_gamma")
+    assert _err(lambda: parse_overrides(["model.n_layer.x=1"])).startswith(
+        "--set model.n_layer.x: unknown model field 'n_layer.x'; valid model fields: ")
     assert _err(lambda: parse_overrides(["train.n_layer=2"])).startswith(
         "--set train.n_layer: unknown train field 'n_layer'; valid train fields: batch_size, beta1")
 

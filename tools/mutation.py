@@ -58,14 +58,7 @@ def _prepare(module: str, rev: str | None, overlay: list[str]) -> Path:
     work = WORK / module
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    if rev is None:
-        shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        archive = subprocess.run(["git", "archive", rev, "src", "tests"], cwd=ROOT, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
-        for f in overlay:
-            shutil.copy2(ROOT / f, work / f)
+    _copy(work, ["src", "tests"], rev, overlay)
     text = (ROOT / "pyproject.toml").read_text()
     section = text.index("[tool.mutmut]")
     head, tool = text[:section], text[section:]
@@ -76,6 +69,19 @@ def _prepare(module: str, rev: str | None, overlay: list[str]) -> Path:
     tool = tool.replace('pytest_add_cli_args = [', 'pytest_add_cli_args = ["-p", "mutmut_fast_first", ', 1)
     (work / "pyproject.toml").write_text(head + tool)
     return work
+
+
+def _copy(work: Path, parts: list[str], rev: str | None, overlay: list[str]) -> None:
+    for part in parts:
+        shutil.rmtree(work / part, ignore_errors=True)
+    if rev is None:
+        for part in parts:
+            shutil.copytree(ROOT / part, work / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        return
+    archive = subprocess.run(["git", "archive", rev, *parts], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
+    for f in overlay:
+        shutil.copy2(ROOT / f, work / f)
 
 
 def _statuses(module: str) -> dict[str, str]:
@@ -123,8 +129,18 @@ def survivors(module: str) -> None:
             subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, check=False)
 
 
-def run(module: str, jobs: int, names: list[str], rev: str | None = None, overlay: list[str] = ()) -> int:
-    work = _prepare(module, rev, list(overlay))
+def run(module: str, jobs: int, names: list[str], rev: str | None = None, overlay: list[str] = (),
+        recheck: bool = False) -> int:
+    if recheck:
+        # Same mutants, new tests: refresh tests/ (mutmut copies it into mutants/ and traces the
+        # tests it has not seen), then rerun every mutant that was not killed.
+        work = WORK / module
+        names = [n for n, st in _statuses(module).items() if st not in KILLED]
+        if not names:
+            return 0
+        _copy(work, ["tests"], rev, list(overlay))
+    else:
+        work = _prepare(module, rev, list(overlay))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     env["PYTHONPATH"] = str(ROOT / "tools")
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *names]
@@ -145,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--survivors", action="store_true", help="show every surviving mutant's diff and stop")
     p.add_argument("--only", action="append", default=[], metavar="GLOB",
                    help="mutant names to run (fnmatch globs, e.g. 'piformer.train.x_lr_at*'); one module only")
+    p.add_argument("--recheck", action="store_true",
+                   help="rerun only the mutants the last run did not kill, against the current tests")
     p.add_argument("--rev", help="mutate commit REV's src/ and tests/ instead of the working tree's "
                    "(while others edit the tree)")
     p.add_argument("--overlay", action="append", default=[], metavar="FILE",
@@ -164,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.report:
         for m in modules:
-            run(m, args.jobs, args.only, args.rev, args.overlay)
+            run(m, args.jobs, args.only, args.rev, args.overlay, args.recheck)
     print(report(modules))
     return 0
 
