@@ -4,6 +4,7 @@ nanoGPT-style model, step time and memory as T grows, and entropy measurement be
     python benchmarks/bench_entropy_attention.py steps --size cpu-small --batch 16
     python benchmarks/bench_entropy_attention.py scaling --tokens 2048
     python benchmarks/bench_entropy_attention.py entropy --run results/cpu/runs/ereg-sm-t-scfuffn --data results/cpu/data
+    python benchmarks/bench_entropy_attention.py entropy --size cpu-small --T 512 --batch 4   # untrained, random tokens
 
 Cases, all trained by the same bare loop (forward with loss, backward, clip, AdamW, zero_grad):
   reference     nanoGPT-style GPT (fused c_attn, SDPA), from bench_train_throughput.py
@@ -183,9 +184,17 @@ def cmd_entropy(args) -> None:
     from piformer.checkpoint import load_model, resolve_checkpoint
 
     header(args)
-    model = load_model(resolve_checkpoint(Path(args.run), "best")).eval()
-    T = model.config.block_size
-    batches = list(val_batches(args.data, T, args.batch, args.batches, vocab_size=model.config.vocab_size))
+    if args.run:
+        if not args.data:
+            raise SystemExit("entropy --run needs --data, the run's prepared data directory")
+        model = load_model(resolve_checkpoint(Path(args.run), "best")).eval()
+        T = model.config.block_size
+        batches = list(val_batches(args.data, T, args.batch, args.batches, vocab_size=model.config.vocab_size))
+    else:  # an untrained model of --size at context --T on random tokens: the cost does not depend on the weights
+        model, _ = build("ereg", args.size, args.T)
+        model.eval()
+        T = args.T
+        batches = [batch(args.batch, T, seed=i)[0] for i in range(args.batches)]
     explicit = lambda idx: model(idx, return_attention=True).head_entropy  # noqa: E731
     times = {"explicit (before)": [], "fused (after)": []}
     results = {}
@@ -196,7 +205,7 @@ def cmd_entropy(args) -> None:
             times[name].append(time.perf_counter() - t0)
     diff = float((results["explicit (before)"] - results["fused (after)"]).abs().max())
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{args.run}: L={model.config.n_layer} H={model.config.n_head} d={model.config.n_embd} T={T}, "
+    print(f"\n{args.run or f'untrained EReg(SM(t)+ScFuFFN), {args.size}'}: L={model.config.n_layer} H={model.config.n_head} d={model.config.n_embd} T={T}, "
           f"{len(batches)} batches x {args.batch} sequences, median of {args.repeats} interleaved repeats\n")
     print("| entropy measurement | seconds | speed-up |")
     print("|---|---:|---:|")
@@ -221,8 +230,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
     p = sub.add_parser("entropy", parents=[common], help="measure_head_entropy on a run, before/after")
-    p.add_argument("--run", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--run", default=None, help="a run directory (default: an untrained model of --size)")
+    p.add_argument("--data", default=None, help="the run's data directory (with --run)")
+    p.add_argument("--T", type=int, default=512, help="context of the untrained model (without --run)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
