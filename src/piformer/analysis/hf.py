@@ -38,6 +38,8 @@ def _transformers():
         raise ValueError(
             f"analysing a HF transformers model needs the optional package 'transformers': {INSTALL_HINT}"
         ) from None
+    import piformer.hf  # noqa: F401  registers PiformerForCausalLM, so piformer's own exports load too
+
     return transformers
 
 
