@@ -1070,3 +1070,13 @@ def test_resume_checks_name_what_differs():
         "--resume with different data than the run was trained on (train_sha256, tokenizer_sha256 changed)")
     assert "(tokenizer_sha256 changed)" in _err(
         lambda: _check_resume_compatible(saved, a, {"train_sha256": "x", "tokenizer_sha256": "u"}))
+
+
+def test_non_string_values_for_string_fields_and_bools_for_int_fields():
+    """A JSON number where a string is expected is read as its text (then validated); a JSON
+    true where an int is expected becomes the int 1, never a bool that prints as 'True'."""
+    assert _err(lambda: ModelConfig.from_dict({"weight_norm": 1})) == (
+        "ModelConfig.weight_norm: unknown group '1' in '1'; valid groups: qk, qkv, qkvo, ffn "
+        "(joined with '+', e.g. 'qk+ffn')")
+    got = ModelConfig.from_dict({"n_layer": True}).n_layer
+    assert got == 1 and type(got) is int
