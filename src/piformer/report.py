@@ -213,7 +213,7 @@ def _nonpositive_note(runs: list[dict]) -> str:
             "the default t = exp(s) stays positive.")
 
 
-def _pi_section(doc: Document, runs: list[dict]) -> None:
+def _pi_section(doc: Document, runs: list[dict], notes: list[str] = ()) -> None:
     from .pi.cost import PAPER_TABLES
 
     t2 = PAPER_TABLES["2"]["rows"]
@@ -241,7 +241,8 @@ def _pi_section(doc: Document, runs: list[dict]) -> None:
     )
     measured = [r for r in runs if r["pi_secure"]]
     if not measured:
-        doc.add(Para("No secure (SPU) run in this tier."))
+        skipped = [n for n in notes if n.startswith("secure inference skipped")]
+        doc.add(Para(skipped[0][0].upper() + skipped[0][1:] + "." if skipped else "No secure (SPU) run in this tier."))
         return
     first = measured[0]["pi_secure"]
     st, acc = first.get("settings", {}), first.get("accuracy", {})
@@ -504,7 +505,7 @@ def build(run_root: str | Path, figures: dict[str, str] | None = None) -> dict[s
     _regulariser_section(doc, res["runs"])
     _loss_section(doc, figures, root)
     _entropy_section(doc, res["runs"], figures, root)
-    _pi_section(doc, res["runs"])
+    _pi_section(doc, res["runs"], m.get("notes", []))
     paths = {"md": root / "report.md", "html": root / "report.html", "results": root / "results.json"}
     atomic_write_text(paths["md"], doc.to_markdown(root))
     atomic_write_text(paths["html"], doc.to_html())

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import platform
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -220,7 +221,8 @@ def reproduce(
         print(f"[reproduce] {SPU_MISSING}: secure inference is skipped; analytic PI costs are still computed",
               flush=True)
         secure = False
-        manifest_note = "secure inference skipped: SPU not installed"
+        manifest_note = ("secure inference skipped: SPU needs Python <= 3.11" if sys.version_info >= (3, 12)
+                         else "secure inference skipped: SPU not installed (pip install 'piformer[pi]')")
     else:
         manifest_note = None
     root = Path(out)
