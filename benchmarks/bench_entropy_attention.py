@@ -3,6 +3,7 @@ nanoGPT-style model, step time and memory as T grows, and entropy measurement be
 
     python benchmarks/bench_entropy_attention.py steps --size cpu-small --batch 16
     python benchmarks/bench_entropy_attention.py scaling --tokens 2048
+    python benchmarks/bench_entropy_attention.py kernel --batch 16 --heads 8 --T 128 --head-dim 32
     python benchmarks/bench_entropy_attention.py entropy --run results/cpu/runs/ereg-sm-t-scfuffn --data results/cpu/data
     python benchmarks/bench_entropy_attention.py entropy --size cpu-small --T 512 --batch 4   # untrained, random tokens
 
@@ -214,6 +215,40 @@ def cmd_entropy(args) -> None:
     print(f"\nlargest difference between the two (L, H) entropy tables: {diff:.2e} nats")
 
 
+def cmd_kernel(args) -> None:
+    """The attention alone, forward + backward: SDPA (the twin) against the fused entropy pass."""
+    import torch.nn.functional as F
+
+    from piformer.attention import attention_with_entropy_kv
+
+    header(args)
+    B, H, T, D = args.batch, args.heads, args.T, args.head_dim
+    qkv = torch.randn(B, T, H, 3 * D, requires_grad=True)  # q | k v per head, as PiGPT lays it out
+    q, kv = qkv[..., :D].transpose(1, 2), qkv[..., D:].transpose(1, 2)
+
+    def sdpa():
+        y = F.scaled_dot_product_attention(q, kv[..., :D], kv[..., D:], is_causal=True)
+        y.transpose(1, 2).sum().backward()
+
+    def fused():
+        y, ent = attention_with_entropy_kv(q, kv)
+        (y.transpose(1, 2).sum() + ent.sum()).backward()
+
+    times = {"sdpa": [], "fused entropy": []}
+    for i in range(args.warmup + args.steps):
+        for name, fn in (("sdpa", sdpa), ("fused entropy", fused)):
+            t0 = time.perf_counter()
+            fn()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nattention forward + backward, B={B} H={H} T={T} D={D}, median of {args.steps} interleaved runs\n")
+    print("| attention | ms | vs sdpa |")
+    print("|---|---:|---:|")
+    for k, v in med.items():
+        print(f"| {k} | {v * 1e3:.1f} | {v / med['sdpa']:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -236,13 +271,19 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p = sub.add_parser("kernel", parents=[common], help="the attention alone: SDPA against the fused entropy pass")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--T", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=32)
     p = sub.add_parser("_memory", parents=[common])
     p.add_argument("case", choices=list(CASES))
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--T", type=int, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    {"steps": cmd_steps, "scaling": cmd_scaling, "entropy": cmd_entropy, "_memory": _memory_worker}[args.cmd](args)
+    {"steps": cmd_steps, "scaling": cmd_scaling, "entropy": cmd_entropy, "kernel": cmd_kernel,
+     "_memory": _memory_worker}[args.cmd](args)
 
 
 if __name__ == "__main__":
