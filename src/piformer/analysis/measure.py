@@ -95,7 +95,8 @@ def measure_head_entropy(
 ) -> tuple[torch.Tensor, int]:
     """Per-head entropy ``(L, H)`` averaged over all query rows of all sequences in `batches`.
 
-    model: a `PiGPT` (its ``return_entropy=True`` path), or any callable mapping a token batch
+    model: a `PiGPT` (its ``return_entropy=True`` path: the fused attention-with-entropy kernel of
+    `piformer.attention` on the CPU, no (B, H, T, T) tensor), or any callable mapping a token batch
     ``(B, T)`` to an ``(L, H)`` entropy matrix averaged over that batch (e.g. the HF path).
     Returns (entropy in float64 on the CPU, number of sequences).
     """
