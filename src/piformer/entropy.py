@@ -58,9 +58,25 @@ def max_entropy(seq_len: int) -> float:
     return math.log(seq_len)
 
 
-def uniform_causal_entropy(seq_len: int) -> float:
-    """Head entropy of a causal head that attends uniformly: mean over rows of log(i + 1)."""
-    return sum(math.log(i + 1) for i in range(seq_len)) / seq_len
+def uniform_causal_entropy(seq_len: int, window: int | None = None) -> float:
+    """Head entropy of a causal head that attends uniformly: mean over rows of log(i + 1), or of
+    log(min(i + 1, window)) under sliding-window attention (Mistral): the largest query-averaged
+    entropy such a head can reach."""
+    return float(causal_row_ceiling(seq_len, window).mean())
+
+
+def causal_row_ceiling(seq_len: int, window: int | None = None) -> torch.Tensor:
+    """Each query row's entropy ceiling under a causal mask: log(min(i + 1, window)), i = 0..T-1.
+
+    Row i sees keys 0..i, or only the last `window` of them with sliding-window attention; the
+    uniform distribution over those keys is the most entropy the row can have. -> (T,) float64
+    """
+    if window is not None and int(window) < 1:
+        raise ValueError(f"window must be a positive number of keys (or None for full causal attention), got {window}")
+    keys = torch.arange(1, int(seq_len) + 1, dtype=torch.float64)
+    if window is not None:
+        keys = keys.clamp(max=int(window))
+    return keys.log()
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,13 +172,14 @@ def diagnose(
 
 
 def _gated_squared_deviation(
-    entropy: torch.Tensor, thresholds: torch.Tensor, seq_len: int, gamma: float
+    entropy: torch.Tensor, thresholds: torch.Tensor, seq_len: int, gamma: float,
+    e_max: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(E - theta * log T)^2 where |E - theta * log T| > gamma * log T, else 0; entropy's shape."""
-    e_max = max_entropy(seq_len)
-    target = thresholds * e_max
-    if entropy.dim() == 3:
-        target = target.unsqueeze(-1)
+    """(E - theta * E_max)^2 where |E - theta * E_max| > gamma * E_max, else 0; entropy's shape.
+    E_max is log T unless given: a number, or (N,) per measurement of (L, H, N) entropies."""
+    if e_max is None:
+        e_max = max_entropy(seq_len)
+    target = thresholds.unsqueeze(-1) * e_max if entropy.dim() == 3 else thresholds * e_max
     dev = entropy - target
     return torch.where(dev.abs() > gamma * e_max, dev.square(), torch.zeros_like(dev))
 
@@ -173,6 +190,7 @@ def entropy_penalty(
     seq_len: int,
     gamma: float = 0.2,
     reduction: str = "sum",
+    e_max: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The entropy regulariser's penalty: a tolerance-gated squared deviation from each head's
     learnable target theta * log T, reduced over the measurements, then averaged over heads and
@@ -183,19 +201,22 @@ def entropy_penalty(
     reduction ('query' mode): 'sum' over the N rows, as the authors' code does and the magnitude
     their lambda was tuned for; 'mean' divides that by N.
     thresholds: (L, H); each layer uses its own (the released code reused layer 0's).
+    e_max: the ceiling that thresholds and tolerance are fractions of; default log T (the paper's),
+    or e.g. each query row's causal ceiling, (N,) in 'query' mode (see `causal_row_ceiling`).
     Returns a scalar (unweighted; the caller multiplies by lambda).
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"entropy_penalty: unknown reduction {reduction!r}; valid: 'sum', 'mean'")
-    penalty = _gated_squared_deviation(entropy, thresholds, seq_len, gamma)
+    penalty = _gated_squared_deviation(entropy, thresholds, seq_len, gamma, e_max)
     if penalty.dim() == 3:
         penalty = penalty.sum(dim=-1) if reduction == "sum" else penalty.mean(dim=-1)
     return penalty.mean(dim=1).mean(dim=0)
 
 
 @torch.no_grad()
-def outside_tolerance(entropy: torch.Tensor, thresholds: torch.Tensor, seq_len: int, gamma: float) -> torch.Tensor:
+def outside_tolerance(entropy: torch.Tensor, thresholds: torch.Tensor, seq_len: int, gamma: float,
+                      e_max: float | torch.Tensor | None = None) -> torch.Tensor:
     """Share of the penalised measurements (heads, or query rows) outside their tolerance band:
     the share on which the regulariser currently acts. 0 means its gradient is exactly 0.
     A 0-d tensor on the entropies' device: reading it is left to the caller (no sync per forward)."""
-    return (_gated_squared_deviation(entropy, thresholds, seq_len, gamma) > 0).float().mean()
+    return (_gated_squared_deviation(entropy, thresholds, seq_len, gamma, e_max) > 0).float().mean()

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..regularizer import hf_layer_windows
 from .measure import entropy_from_attentions
 
 INSTALL_HINT = "pip install transformers  (or: pip install 'piformer[hf]')"
@@ -65,6 +66,13 @@ def hf_context_length(model) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
+
+
+def hf_sliding_window(config) -> int | None:
+    """The one sliding-window span shared by every layer (Mistral), else None (full attention, or
+    a mix of sliding and full layers, which one model-wide ceiling cannot describe)."""
+    windows = set(hf_layer_windows(config))
+    return windows.pop() if len(windows) == 1 else None
 
 
 def hf_entropy_fn(model):

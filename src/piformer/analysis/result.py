@@ -192,13 +192,15 @@ def analyse_entropy(
     overload_frac: float = 0.75,
     collapse_frac: float = 0.25,
     layer_share: float = 0.5,
+    window: int | None = None,
     **fields: Any,
 ) -> EntropyResult:
     """Bands, per-layer statistics and diagnosis of an ``(L, H)`` head-entropy matrix (nats).
 
     reference: 'logT' (default, the paper's E_max) or 'causal' (the uniform causal head's
     entropy); the diagnosis thresholds are ``overload_frac`` and ``collapse_frac`` times it.
-    A layer is flagged when at least ``layer_share`` of its heads are.
+    A layer is flagged when at least ``layer_share`` of its heads are. window: the model's
+    sliding-window attention span (Mistral), which lowers the causal ceiling to mean_i log(min(i+1, window)).
     Extra keyword arguments set other `EntropyResult` fields (source, thresholds, history, ...).
     """
     if reference not in REFERENCES:
@@ -211,7 +213,7 @@ def analyse_entropy(
         raise ValueError(f"head_entropy must be a non-empty (layers, heads) matrix, got shape {e.shape}")
     seq_len = int(seq_len)
     e_max = max_entropy(seq_len)
-    ceiling = uniform_causal_entropy(seq_len)
+    ceiling = uniform_causal_entropy(seq_len, window)
     notes: list[str] = list(fields.pop("notes", []))
 
     finite = np.isfinite(e)
@@ -234,7 +236,9 @@ def analyse_entropy(
     diag = diagnose(torch.from_numpy(np.where(finite, e, np.nan)), seq_len,
                     overload_frac=overload_frac * scale, collapse_frac=collapse_frac * scale,
                     layer_share=layer_share)
-    ref_name = "E_max = log T" if reference == "logT" else "C = mean_i log(i+1) (uniform causal head)"
+    ref_name = "E_max = log T" if reference == "logT" else (
+        "C = mean_i log(i+1) (uniform causal head)" if window is None
+        else f"C = mean_i log(min(i+1, {window})) (uniform sliding-window head)")
     ref_value = e_max if reference == "logT" else ceiling
     diag.criteria = (
         f"Reference {ref_name} = {ref_value:.3f} nats (T={seq_len}; log T = {e_max:.3f}, uniform causal "

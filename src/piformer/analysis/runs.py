@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import load_model, resolve_checkpoint
-from .hf import hf_context_length, hf_entropy_fn, hf_tokenize_text, is_hf_model_dir, load_hf_causal_lm
+from .hf import hf_context_length, hf_entropy_fn, hf_sliding_window, hf_tokenize_text, is_hf_model_dir, load_hf_causal_lm
 from .measure import measure_head_entropy, val_batches
 from .result import EntropyHistory, EntropyResult, analyse_entropy, temperature_stats
 
@@ -231,7 +231,7 @@ def analyse_hf(
     return analyse_entropy(
         entropy, T, name=name or path.name, source=str(path), kind="hf",
         preset=getattr(model.config, "model_type", None), data=source_data, n_sequences=n_seq,
-        **diagnosis_options,
+        window=hf_sliding_window(model.config), **diagnosis_options,
     )
 
 

@@ -19,8 +19,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_piformer import PiformerConfig
 from .modeling_piformer import PiformerForCausalLM
+from .regularize import RegularizedCausalLM, RegularizedCausalLMOutput
 
 AutoConfig.register(PiformerConfig.model_type, PiformerConfig, exist_ok=True)
 AutoModelForCausalLM.register(PiformerConfig, PiformerForCausalLM, exist_ok=True)
 
-__all__ = ["PiformerConfig", "PiformerForCausalLM"]
+__all__ = ["PiformerConfig", "PiformerForCausalLM", "RegularizedCausalLM", "RegularizedCausalLMOutput"]
+
+
+def __getattr__(name: str):
+    # EntropyRegTrainer needs `accelerate` (as any transformers.Trainer does): built on first use.
+    if name == "EntropyRegTrainer":
+        from .regularize import EntropyRegTrainer
+
+        return EntropyRegTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
