@@ -68,6 +68,32 @@ def test_entropy_analysis_uses_the_sliding_window_ceiling():
     assert "min(i+1, 4)" in slid.diagnosis.criteria
 
 
+def test_piformer_entropy_on_a_sliding_window_hf_model_uses_its_ceiling(tmp_path):
+    import json
+
+    import numpy as np
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from piformer.analysis import analyse_hf
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                        sliding_window=4, bos_token_id=0, eos_token_id=0)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path / "mistral")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        np.random.default_rng(0).integers(0, 100, 2000).astype("<u2").tofile(data / f"{split}.bin")
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 100, "eot_id": 0, "dtype": "uint16", "splits": {
+        "train": {"tokens": 2000}, "val": {"tokens": 2000}}}))
+    res = analyse_hf(tmp_path / "mistral", data, batches=1, batch_size=2, seq_len=32, reference="causal")
+    assert res.causal_ceiling == pytest.approx(uniform_causal_entropy(32, window=4))
+    assert "min(i+1, 4)" in res.diagnosis.criteria
+    # no head can exceed the sliding-window ceiling of its rows
+    assert (res.head_entropy <= uniform_causal_entropy(32, window=4) + 1e-6).all()
+
+
 # -- the module against PiGPT's built-in regulariser --------------------------------------------
 
 
