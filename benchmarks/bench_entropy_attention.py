@@ -155,27 +155,24 @@ def cmd_steps(args) -> None:
 def cmd_scaling(args) -> None:
     header(args)
     cases = list(CASES)
-    rows = []
-    for T in args.lengths:
-        B = max(1, args.tokens // T)
-        med = time_cases(cases, args.size, B, T, args.steps, args.warmup)
-        mem = {c: step_memory_mib(c, args.size, B, T, torch.get_num_threads()) for c in cases}
-        rows.append((T, B, med, mem))
-        print(f"  T={T} done", file=sys.stderr, flush=True)
     cfg = ModelConfig.from_preset("SM+LN+G", args.size, vocab_size=VOCAB)
     print(f"\nsize {args.size} (L={cfg.n_layer} H={cfg.n_head} d={cfg.n_embd}), B x T = {args.tokens} tokens per step, "
           f"median of {args.steps} interleaved steps after {args.warmup} warm-up; step MiB: peak RSS of one step above "
           "the RSS before it, each case alone in a fresh process\n")
     print("| T | B | " + " | ".join(f"{c} ms" for c in cases) + " | " + " | ".join(f"{c} MiB" for c in cases)
           + " | EReg/twin time | EReg/twin MiB |")
-    print("|" + "---:|" * (2 + 2 * len(cases) + 2))
-    for T, B, med, mem in rows:
+    print("|" + "---:|" * (2 + 2 * len(cases) + 2), flush=True)
+    rows = []
+    for T in args.lengths:  # each row printed when measured
+        B = max(1, args.tokens // T)
+        med = time_cases(cases, args.size, B, T, args.steps, args.warmup)
+        mem = {c: step_memory_mib(c, args.size, B, T, torch.get_num_threads()) for c in cases}
+        rows.append({"T": T, "B": B, "ms": {c: v * 1e3 for c, v in med.items()}, "mib": mem})
         print(f"| {T} | {B} | " + " | ".join(f"{med[c] * 1e3:.0f}" for c in cases) + " | "
               + " | ".join(f"{mem[c]:.0f}" for c in cases)
-              + f" | {med['ereg'] / med['twin']:.3f}x | {mem['ereg'] / mem['twin']:.3f}x |")
+              + f" | {med['ereg'] / med['twin']:.3f}x | {mem['ereg'] / mem['twin']:.3f}x |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps([{"T": T, "B": B, "ms": {c: v * 1e3 for c, v in med.items()}, "mib": mem}
-                                               for T, B, med, mem in rows], indent=1))
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 def cmd_entropy(args) -> None:
