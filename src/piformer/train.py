@@ -479,12 +479,32 @@ def train(
                       callbacks)
 
 
-def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: str | Path,
-           out_dir: str | Path, resume: bool, preset: str | None, size: str | None,
-           progress: bool | str, init_from: str | Path | None = None,
-           callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    t_start = time.time()
-    out = Path(out_dir)
+# -- set-up ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Env:
+    """Where and how this process trains, fixed by set-up: data, processes, device, batch split."""
+
+    data: TokenData
+    model_cfg: ModelConfig
+    """The requested model with the data's vocab_size."""
+    fingerprint: dict[str, Any]
+    d: _Dist
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    micro: int
+    """Micro-batch size: sequences per forward pass on this process."""
+    accum: int
+    """Micro-batches per update on this process (gradient accumulation)."""
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro * self.accum * self.d.world * self.model_cfg.block_size
+
+
+def _environment(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: str | Path) -> _Env:
+    """Open the data, join the process group (under torchrun), pick device and precision, split the batch."""
     data = TokenData(data_dir)
     if model_cfg.vocab_size != data.vocab_size:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
@@ -503,44 +523,41 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
             f"= {micro} x {d.world}; adjust train.batch_size or train.micro_batch_size"
         )
     accum = train_cfg.batch_size // (micro * d.world)
-    T = model_cfg.block_size
-    tokens_per_step = train_cfg.batch_size * T
+    return _Env(data, model_cfg, fingerprint, d, device, amp_dtype, micro, accum)
 
-    # -- run directory: new or resumed, and ours until train() returns ----------------------
-    last_dir = out / "checkpoints" / "last"
+
+def _open_run_dir(held: contextlib.ExitStack, out: Path, resume: bool, env: _Env,
+                  callbacks: Sequence[Any]) -> tuple[_Run, Path | None, dict[str, Any] | None]:
+    """Take the run directory (rank 0 locks it until train() returns), check a resume against it or
+    start a checkpoint-less run over, and arrange that however the run stops, status.json says how.
+
+    Returns the run's bookkeeping and the `last` checkpoint to resume from with its trainer state
+    (None, None: start at step 0)."""
+    last: Path | None = None
     state: dict[str, Any] | None = None
     if resume and not (out / "config.json").is_file():
         raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-    if d.master:  # before reading the run: it must not change under us (other ranks only read)
+    if env.d.master:  # before reading the run: it must not change under us (other ranks only read)
         lock = _lock_run_dir(out)
         held.callback(_unlock_run_dir, out, lock)
     if resume:
         saved = json.loads((out / "config.json").read_text())
-        _check_resume_compatible(saved, model_cfg, fingerprint)
+        _check_resume_compatible(saved, env.model_cfg, env.fingerprint)
         try:
-            last = ckpt_io.resolve_checkpoint(last_dir)
+            last = ckpt_io.resolve_checkpoint(out / "checkpoints" / "last")
         except FileNotFoundError:
             last = None  # killed before the first checkpoint: start over in place
         if last is not None:
-            _check_checkpoint_matches(last, model_cfg, out)
+            _check_checkpoint_matches(last, env.model_cfg, out)
             state = ckpt_io.load_trainer_state(last)
     elif (out / "config.json").is_file() or (out / "checkpoints").exists():
-        if _has_checkpoint(out):
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
-        # A run that stopped before its first checkpoint (a failed start, a kill) has nothing to
-        # resume: a corrected retry starts it over. Its log is kept aside, not deleted.
-        if d.master:
-            prior = _read_status(out).get("status", "unknown")
-            if (out / "metrics.jsonl").is_file():
-                os.replace(out / "metrics.jsonl", out / "metrics.previous-attempt.jsonl")
-            print(f"{out}: starting over; the run there ended '{prior}' before its first checkpoint "
-                  "(its metrics are kept in metrics.previous-attempt.jsonl)", file=sys.stderr)
-    if d.on:
+        _start_over(out, env.d)
+    if env.d.on:
         # Every rank has now read the run directory as it was; only then may rank 0 write to it
         # (otherwise a slower rank would find rank 0's fresh config.json and refuse to start).
         dist.barrier()
 
-    run = _Run(out, enabled=d.master, callbacks=callbacks)
+    run = _Run(out, enabled=env.d.master, callbacks=callbacks)
 
     def record_how_it_ended(exc_type, exc, tb) -> bool:
         if exc is not None and not run.ended:
@@ -549,190 +566,327 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
         return False  # the exception goes on
 
     held.push(record_how_it_ended)  # runs before the lock is released
-    if d.master:
+    if env.d.master:
         # A kill mid-save leaves the half-written temp directory of checkpoint.save_checkpoint
         # behind (never mistaken for a checkpoint, but litter). We hold the lock, so no other
         # process is saving here: every temporary is stale. Clear them before writing again.
         for stale in (out / "checkpoints").glob(".*.tmp-*") if (out / "checkpoints").is_dir() else ():
             shutil.rmtree(stale, ignore_errors=True)
-        run_cfg = {
-            "preset": preset, "size": size, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-            "data": {"dir": str(Path(data_dir).resolve()), "source": data.meta.get("source"),
-                     "vocab_size": data.vocab_size, "fingerprint": fingerprint},
-            "world_size": d.world, "device": str(device), "micro_batch_size": micro, "grad_accum": accum,
-            "torch": torch.__version__, "python": sys.version.split()[0],
-        }
-        atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=1) + "\n")
+    return run, last, state
 
-    # -- model and optimizer ---------------------------------------------------------------
+
+def _start_over(out: Path, d: _Dist) -> None:
+    """A run directory that is not resumed: refuse one with a checkpoint; start over one without."""
+    if _has_checkpoint(out):
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
+    # A run that stopped before its first checkpoint (a failed start, a kill) has nothing to
+    # resume: a corrected retry starts it over. Its log is kept aside, not deleted.
+    if d.master:
+        prior = _read_status(out).get("status", "unknown")
+        if (out / "metrics.jsonl").is_file():
+            os.replace(out / "metrics.jsonl", out / "metrics.previous-attempt.jsonl")
+        print(f"{out}: starting over; the run there ended '{prior}' before its first checkpoint "
+              "(its metrics are kept in metrics.previous-attempt.jsonl)", file=sys.stderr)
+
+
+def _write_run_config(out: Path, env: _Env, train_cfg: TrainConfig, data_dir: str | Path,
+                      preset: str | None, size: str | None) -> None:
+    """RUN_DIR/config.json: what was trained, on what, where (rank 0)."""
+    if not env.d.master:
+        return
+    run_cfg = {
+        "preset": preset, "size": size, "model": env.model_cfg.to_dict(), "train": train_cfg.to_dict(),
+        "data": {"dir": str(Path(data_dir).resolve()), "source": env.data.meta.get("source"),
+                 "vocab_size": env.data.vocab_size, "fingerprint": env.fingerprint},
+        "world_size": env.d.world, "device": str(env.device), "micro_batch_size": env.micro, "grad_accum": env.accum,
+        "torch": torch.__version__, "python": sys.version.split()[0],
+    }
+    atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=1) + "\n")
+
+
+def _build_model(env: _Env, train_cfg: TrainConfig, out: Path, last: Path | None, state: dict[str, Any] | None,
+                 init_from: str | Path | None):
+    """(model to step, bare model, optimizer, scaler): new, or restored from `last` and its trainer
+    state. The model to step is the bare one, compiled and/or DDP-wrapped as configured."""
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     if state is not None:
-        model = ckpt_io.load_model(last, device=device).train()
+        model = ckpt_io.load_model(last, device=env.device).train()
     else:
-        model = PiGPT(model_cfg).to(device)
+        model = PiGPT(env.model_cfg).to(env.device)
         if init_from is not None:  # weights from a Hugging Face checkpoint where shapes allow
             from .hf.init import init_from_pretrained
 
-            init_from_pretrained(model, init_from).announce(out if d.master else None)
+            init_from_pretrained(model, init_from).announce(out if env.d.master else None)
     raw_model = model
     optimizer = torch.optim.AdamW(
         model.optim_groups(train_cfg.weight_decay), lr=train_cfg.lr,
         betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
-        **({"fused": True} if device.type == "cuda" else {}),
+        **({"fused": True} if env.device.type == "cuda" else {}),
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    start_step, best_val, best_step, last_ckpt_step = 0, float("inf"), None, None
+    scaler = torch.amp.GradScaler("cuda", enabled=env.amp_dtype == torch.float16)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start_step = last_ckpt_step = int(state["step"])
-        best_val, best_step = _best_so_far(state, out / "checkpoints" / "best")
         _set_rng(state.get("rng"))
     if train_cfg.compile:
         model = torch.compile(model)
-    if d.on:
+    if env.d.on:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[env.d.local_rank] if env.device.type == "cuda" else None)
+    return model, raw_model, optimizer, scaler
 
-    run.open_metrics(start_step if resume else None, train_cfg.tensorboard)
-    if resume and d.master:
+
+@dataclasses.dataclass
+class _Trainer:
+    """One train() call after set-up: its fixed parts, and the counters the loop moves."""
+
+    env: _Env
+    cfg: TrainConfig
+    out: Path
+    run: _Run
+    model: torch.nn.Module
+    """What a step calls: the bare model, or its compiled / DDP wrapper."""
+    raw_model: PiGPT
+    """The bare model: evaluated, measured and saved."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    reg: Any
+    """The entropy regulariser's loss settings (used when the model is entropy-regularised)."""
+    step: int = 0
+    """Updates done: the next update has 0-based index `step`."""
+    best_val: float = float("inf")
+    best_step: int | None = None
+    last_ckpt_step: int | None = None
+
+
+def _set_up(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: str | Path,
+            out: Path, resume: bool, preset: str | None, size: str | None, init_from: str | Path | None,
+            callbacks: Sequence[Any]) -> _Trainer:
+    """Everything before the first step: environment, run directory, model, optimizer, resume
+    point, logging (metrics.jsonl cut back to the resume step), status 'running'."""
+    env = _environment(model_cfg, train_cfg, data_dir)
+    run, last, state = _open_run_dir(held, out, resume, env, callbacks)
+    _write_run_config(out, env, train_cfg, data_dir, preset, size)
+    model, raw_model, optimizer, scaler = _build_model(env, train_cfg, out, last, state, init_from)
+    t = _Trainer(env, train_cfg, out, run, model, raw_model, optimizer, scaler, train_cfg.reg_loss())
+    if state is not None:
+        t.step = t.last_ckpt_step = int(state["step"])
+        t.best_val, t.best_step = _best_so_far(state, out / "checkpoints" / "best")
+
+    run.open_metrics(t.step if resume else None, train_cfg.tensorboard)
+    if resume and env.d.master:
         run.status = _read_status(out)
-        run.log({"step": start_step, "event": "resume", "world_size": d.world}, flush=True)
-    run.set_status(status="running", step=start_step, max_steps=train_cfg.max_steps, best_val_loss=best_val,
-                   best_step=best_step, diverged_at=None, error=None, pid=os.getpid())
+        run.log({"step": t.step, "event": "resume", "world_size": env.d.world}, flush=True)
+    run.set_status(status="running", step=t.step, max_steps=train_cfg.max_steps, best_val_loss=t.best_val,
+                   best_step=t.best_step, diverged_at=None, error=None, pid=os.getpid())
+    return t
 
-    def trainer_state(step: int) -> dict[str, Any]:
-        return {
-            "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "scheduler": {"kind": train_cfg.schedule, "warmup_steps": warmup_steps(train_cfg), "lr": train_cfg.lr,
-                          "min_lr": train_cfg.min_lr, "max_steps": train_cfg.max_steps, "note": "lr is a pure function of step"},
-            "rng": _get_rng(), "best_val_loss": best_val, "best_step": best_step,
-            "data_position": {"step": step, "seed": train_cfg.seed, "rule": "batch(seed, step, rank*accum+micro)"},
-            "train_config": train_cfg.to_dict(), "world_size": d.world, "tokens_seen": step * tokens_per_step,
-        }
 
-    def save(which: str, step: int) -> None:
-        nonlocal last_ckpt_step
-        if d.master:
-            # Every metrics line through `step` reaches the file first: a resume from this
-            # checkpoint keeps those lines, so a kill just after it must not lose them.
-            run.flush()
-            ckpt_io.save_checkpoint(out / "checkpoints" / which, raw_model, trainer_state(step))
-            run.checkpoint(step, which, out / "checkpoints" / which)
-        if which == "last":
-            last_ckpt_step = step
+# -- one step ----------------------------------------------------------------------------
 
-    def run_eval(step: int) -> dict[str, float]:
-        nonlocal best_val, best_step
-        ev = evaluate(raw_model, data, micro, train_cfg.eval_batches, device, amp_dtype, d.rank, d.world)
-        run.log({"step": step, "event": "eval", **ev}, flush=True)
-        if ev["val_loss"] < best_val:
-            best_val, best_step = ev["val_loss"], step
-            save("best", step)
-        run.set_status(step=step, best_val_loss=best_val, best_step=best_step, last_val_loss=ev["val_loss"])
-        if progress == "lines" and d.master:
-            print(f"  {preset or out.name}: step {step}/{train_cfg.max_steps}, val loss {ev['val_loss']:.4f}", flush=True)
-        return ev
 
+@dataclasses.dataclass
+class _StepOut:
+    """What one update measured: means over the global batch, and this rank's last micro-batch."""
+
+    lr: float
+    loss: float
+    ce: float
+    reg: float
+    outside: float
+    grad_norm: float
+    head_entropy: torch.Tensor | None
+    """(L, H) mean over this rank's micro-batches, when asked for and the forward computed it."""
+    x: torch.Tensor
+    y: torch.Tensor
+    diverged: bool = False
+
+
+def _accumulate_gradients(t: _Trainer, want_entropy: bool):
+    """Forward and backward over this rank's micro-batches of update `t.step`, gradients summed
+    (DDP: all-reduced on the last). Returns (loss, ce, reg, reg_outside) averaged over all ranks,
+    head entropy (or None), and the last micro-batch (x, y)."""
+    env, cfg, step = t.env, t.cfg, t.step
+    T = env.model_cfg.block_size
+    sums = torch.zeros(4, device=env.device)  # loss, ce, reg, reg_outside: means over this rank's micro-batches
+    head_ent = None
+    for m in range(env.accum):
+        g = env.d.rank * env.accum + m  # global micro-batch index: batches do not depend on world size
+        if env.model_cfg.dropout > 0:  # dropout masks as a function of the step: reproducible on resume
+            _reseed(env.device, _mix_seed(cfg.seed, step, g))
+        x, y = env.data.get_batch("train", env.micro, T, step=step, micro_step=g, seed=cfg.seed, device=env.device)
+        sync = not env.d.on or m == env.accum - 1  # DDP all-reduces gradients on the last micro-step only
+        with (contextlib.nullcontext() if sync else t.model.no_sync()), _autocast(env.device, env.amp_dtype):
+            o = t.model(x, y, reg=t.reg)
+            loss = o.loss / env.accum
+        t.scaler.scale(loss).backward()
+        reg_term = o.reg_loss.detach() if o.reg_loss is not None else torch.zeros((), device=env.device)
+        outside = o.reg_outside if o.reg_outside is not None else torch.zeros((), device=env.device)
+        sums += torch.stack([o.loss.detach(), o.ce_loss.detach(), reg_term.float(), outside]) / env.accum
+        if want_entropy and o.head_entropy is not None:
+            e = o.head_entropy.detach() / env.accum
+            head_ent = e if head_ent is None else head_ent + e
+    if env.d.on:
+        dist.all_reduce(sums)  # gloo has no AVG: sum, then divide
+        sums /= env.d.world
+    return sums.tolist(), head_ent, x, y  # one host sync per step: needed to catch divergence now
+
+
+def _train_step(t: _Trainer, want_entropy: bool) -> _StepOut:
+    """Update `t.step`: set its learning rate, accumulate gradients, clip, and step the optimizer;
+    unless the loss or the gradient is non-finite (checked before the update, so the weights stay
+    good): then no update, and the result says diverged."""
+    cfg, optimizer, scaler = t.cfg, t.optimizer, t.scaler
+    lr = lr_at(t.step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    (loss_v, ce_v, reg_v, outside_v), head_ent, x, y = _accumulate_gradients(t, want_entropy)
+
+    if cfg.grad_clip > 0 and math.isfinite(loss_v):
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), cfg.grad_clip).item()
+    else:
+        grad_norm = float("nan")
+    out = _StepOut(lr, loss_v, ce_v, reg_v, outside_v, grad_norm, head_ent, x, y)
+    # A finite loss with a non-finite gradient would write NaN into every weight; under fp16
+    # the scaler skips such steps itself, otherwise the run has diverged here.
+    bad_grad = cfg.grad_clip > 0 and not scaler.is_enabled() and not math.isfinite(grad_norm)
+    if not math.isfinite(loss_v) or bad_grad:
+        optimizer.zero_grad(set_to_none=True)
+        out.diverged = True
+        return out
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    t.step += 1
+    return out
+
+
+def _record_divergence(t: _Trainer, o: _StepOut) -> None:
+    """A diverged run is a result: log it, record it in status.json (the last good checkpoint stays)."""
+    at = t.step + 1
+    t.run.log({"step": at, "event": "diverged", "loss": o.loss, "ce": o.ce, "lr": o.lr, "grad_norm": o.grad_norm,
+               "cause": "gradient" if math.isfinite(o.loss) else "loss"}, flush=True)
+    t.run.set_status(status="diverged", step=at, diverged_at=at, last_checkpoint_step=t.last_ckpt_step)
+
+
+# -- log, evaluate, checkpoint -------------------------------------------------------------
+
+
+def _step_record(t: _Trainer, o: _StepOut, seconds: float, full: bool) -> dict[str, Any]:
+    """The metrics line of the update just done; `full` adds per-head entropy, thresholds and
+    temperatures (every log_interval)."""
+    regularised = t.env.model_cfg.entropy_reg
+    tokens = t.env.tokens_per_step
+    rec = {"step": t.step, "loss": o.loss, "ce": o.ce, "reg": o.reg if regularised else None,
+           "lr": o.lr, "grad_norm": o.grad_norm, "tokens_per_s": tokens / max(seconds, 1e-9)}
+    if regularised:
+        # Is the regulariser doing anything? Its weighted share of the loss, and the share of
+        # heads (query rows in 'query' mode) outside the tolerance band, where its gradient lives.
+        rec["reg_weighted"] = t.reg.lam * o.reg
+        rec["reg_share"] = t.reg.lam * o.reg / o.loss if o.loss else None
+        rec["reg_outside"] = o.outside
+        if t.env.d.master and t.cfg.reg_grad_interval and t.step % t.cfg.reg_grad_interval == 0:
+            rec.update(reg_grad_ratio(t.raw_model, o.x, o.y, t.reg, t.env.amp_dtype))
+    if full and t.env.d.master:
+        head_ent = o.head_entropy
+        if head_ent is None:  # the fused attention path computes no entropies: measure on this batch
+            with torch.no_grad(), _autocast(t.env.device, t.env.amp_dtype):
+                head_ent = t.raw_model(o.x, return_entropy=True).head_entropy
+        rec["head_entropy"] = head_ent.float().cpu().tolist()
+        rec.update(_model_stats(t.raw_model))
+    return rec
+
+
+def _save(t: _Trainer, which: str) -> None:
+    """Write checkpoints/{which} at the current step (rank 0), after the metrics through it."""
+    if t.env.d.master:
+        # Every metrics line through `step` reaches the file first: a resume from this
+        # checkpoint keeps those lines, so a kill just after it must not lose them.
+        t.run.flush()
+        path = t.out / "checkpoints" / which
+        ckpt_io.save_checkpoint(path, t.raw_model, _trainer_state(t))
+        t.run.checkpoint(t.step, which, path)
+    if which == "last":
+        t.last_ckpt_step = t.step
+
+
+def _trainer_state(t: _Trainer) -> dict[str, Any]:
+    """What a checkpoint keeps beside the weights for an exact resume (and for the record)."""
+    cfg, step = t.cfg, t.step
+    return {
+        "step": step, "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
+        "scheduler": {"kind": cfg.schedule, "warmup_steps": warmup_steps(cfg), "lr": cfg.lr,
+                      "min_lr": cfg.min_lr, "max_steps": cfg.max_steps, "note": "lr is a pure function of step"},
+        "rng": _get_rng(), "best_val_loss": t.best_val, "best_step": t.best_step,
+        "data_position": {"step": step, "seed": cfg.seed, "rule": "batch(seed, step, rank*accum+micro)"},
+        "train_config": cfg.to_dict(), "world_size": t.env.d.world, "tokens_seen": step * t.env.tokens_per_step,
+    }
+
+
+def _evaluate(t: _Trainer, say: str | None) -> dict[str, float]:
+    """Score the validation split, log it, keep a new best checkpoint, update status.json;
+    `say`: a label to print the loss under (progress='lines'), or None."""
+    env = t.env
+    ev = evaluate(t.raw_model, env.data, env.micro, t.cfg.eval_batches, env.device, env.amp_dtype, env.d.rank, env.d.world)
+    t.run.log({"step": t.step, "event": "eval", **ev}, flush=True)
+    if ev["val_loss"] < t.best_val:
+        t.best_val, t.best_step = ev["val_loss"], t.step
+        _save(t, "best")
+    t.run.set_status(step=t.step, best_val_loss=t.best_val, best_step=t.best_step, last_val_loss=ev["val_loss"])
+    if say is not None and env.d.master:
+        print(f"  {say}: step {t.step}/{t.cfg.max_steps}, val loss {ev['val_loss']:.4f}", flush=True)
+    return ev
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: str | Path,
+           out_dir: str | Path, resume: bool, preset: str | None, size: str | None,
+           progress: bool | str, init_from: str | Path | None = None,
+           callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    t_start = time.time()
+    out = Path(out_dir)
+    t = _set_up(held, model_cfg, train_cfg, data_dir, out, resume, preset, size, init_from, callbacks)
+    cfg, run, master = train_cfg, t.run, t.env.d.master
     bar = None
-    if d.master and progress is True:
+    if master and progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=train_cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=cfg.max_steps, initial=t.step, unit="step", dynamic_ncols=True,
                    desc=f"train {preset or ''}".strip())
+    say = (preset or out.name) if progress == "lines" else None
 
-    reg = train_cfg.reg_loss()
-    regularised = model_cfg.entropy_reg
-
-    # -- the loop ------------------------------------------------------------------------------
-    model.train()
+    t.model.train()
     status, diverged_at, last_eval = "finished", None, None
-    step = start_step
     t_loop, tokens_run = time.time(), 0
     try:
-        while step < train_cfg.max_steps:
+        while t.step < cfg.max_steps:
             t0 = _clock()
-            lr = lr_at(step, train_cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            log_now = (step + 1) % train_cfg.log_interval == 0 or step + 1 == train_cfg.max_steps
-            sums = torch.zeros(4, device=device)  # loss, ce, reg, reg_outside: means over this rank's micro-batches
-            head_ent = None  # (L, H) mean over micro-batches, when the forward computed it
-            for m in range(accum):
-                g = d.rank * accum + m  # global micro-batch index: batches do not depend on world size
-                if model_cfg.dropout > 0:  # dropout masks as a function of the step: reproducible on resume
-                    _reseed(device, _mix_seed(train_cfg.seed, step, g))
-                x, y = data.get_batch("train", micro, T, step=step, micro_step=g, seed=train_cfg.seed, device=device)
-                sync = not d.on or m == accum - 1  # DDP all-reduces gradients on the last micro-step only
-                with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, amp_dtype):
-                    o = model(x, y, reg=reg)
-                    loss = o.loss / accum
-                scaler.scale(loss).backward()
-                reg_term = o.reg_loss.detach() if o.reg_loss is not None else torch.zeros((), device=device)
-                outside = o.reg_outside if o.reg_outside is not None else torch.zeros((), device=device)
-                sums += torch.stack([o.loss.detach(), o.ce_loss.detach(), reg_term.float(), outside]) / accum
-                if log_now and o.head_entropy is not None:
-                    e = o.head_entropy.detach() / accum
-                    head_ent = e if head_ent is None else head_ent + e
-            if d.on:
-                dist.all_reduce(sums)  # gloo has no AVG: sum, then divide
-                sums /= d.world
-            loss_v, ce_v, reg_v, outside_v = sums.tolist()  # one host sync per step: needed to catch divergence now
-
-            if train_cfg.grad_clip > 0 and math.isfinite(loss_v):
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), train_cfg.grad_clip).item()
-            else:
-                grad_norm = float("nan")
-            # A finite loss with a non-finite gradient would write NaN into every weight; under fp16
-            # the scaler skips such steps itself, otherwise the run has diverged here.
-            bad_grad = train_cfg.grad_clip > 0 and not scaler.is_enabled() and not math.isfinite(grad_norm)
-            if not math.isfinite(loss_v) or bad_grad:
-                # A diverged run is a result: record it, keep the last good checkpoint, stop.
-                status, diverged_at = "diverged", step + 1
-                optimizer.zero_grad(set_to_none=True)
-                run.log({"step": step + 1, "event": "diverged", "loss": loss_v, "ce": ce_v, "lr": lr,
-                         "grad_norm": grad_norm, "cause": "gradient" if math.isfinite(loss_v) else "loss"}, flush=True)
-                run.set_status(status="diverged", step=step + 1, diverged_at=step + 1,
-                               last_checkpoint_step=last_ckpt_step)
+            log_now = (t.step + 1) % cfg.log_interval == 0 or t.step + 1 == cfg.max_steps
+            o = _train_step(t, want_entropy=log_now)
+            if o.diverged:
+                status, diverged_at = "diverged", t.step + 1
+                _record_divergence(t, o)
                 break
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
             dt = _clock() - t0
-            tokens_run += tokens_per_step
-            rec = {"step": step, "loss": loss_v, "ce": ce_v, "reg": reg_v if regularised else None,
-                   "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
-            if regularised:
-                # Is the regulariser doing anything? Its weighted share of the loss, and the share of
-                # heads (query rows in 'query' mode) outside the tolerance band, where its gradient lives.
-                rec["reg_weighted"] = reg.lam * reg_v
-                rec["reg_share"] = reg.lam * reg_v / loss_v if loss_v else None
-                rec["reg_outside"] = outside_v
-                if d.master and train_cfg.reg_grad_interval and step % train_cfg.reg_grad_interval == 0:
-                    rec.update(reg_grad_ratio(raw_model, x, y, reg, amp_dtype))
-            if log_now and d.master:
-                if head_ent is None:  # the fused attention path computes no entropies: measure on this batch
-                    with torch.no_grad(), _autocast(device, amp_dtype):
-                        head_ent = raw_model(x, return_entropy=True).head_entropy
-                rec["head_entropy"] = head_ent.float().cpu().tolist()
-                rec.update(_model_stats(raw_model))
+            tokens_run += t.env.tokens_per_step
+            rec = _step_record(t, o, dt, full=log_now)
             run.log(rec, flush=log_now)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
-
-            if step % train_cfg.eval_interval == 0 or step == train_cfg.max_steps:
-                last_eval = run_eval(step)
-            if step % train_cfg.checkpoint_interval == 0 or step == train_cfg.max_steps:
-                save("last", step)
-                run.set_status(step=step, last_checkpoint_step=step)
+                bar.set_postfix(loss=f"{o.loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+            if t.step % cfg.eval_interval == 0 or t.step == cfg.max_steps:
+                last_eval = _evaluate(t, say)
+            if t.step % cfg.checkpoint_interval == 0 or t.step == cfg.max_steps:
+                _save(t, "last")
+                run.set_status(step=t.step, last_checkpoint_step=t.step)
     except BaseException as err:
-        run.end(err, step=step)
+        run.end(err, step=t.step)
         raise
     finally:
         if bar is not None:
@@ -740,16 +894,17 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
         run.close()
 
     if status == "finished":
-        run.set_status(status="finished", step=step)
+        run.set_status(status="finished", step=t.step)
     elapsed = time.time() - t_loop
+    d = t.env.d
     if d.on:
         dist.barrier()
         if d.created:
             dist.destroy_process_group()
     return {
-        "status": status, "step": step, "diverged_at": diverged_at, "max_steps": train_cfg.max_steps,
-        "best_val_loss": best_val if math.isfinite(best_val) else None, "best_step": best_step,
-        "last_checkpoint_step": last_ckpt_step,
+        "status": status, "step": t.step, "diverged_at": diverged_at, "max_steps": cfg.max_steps,
+        "best_val_loss": t.best_val if math.isfinite(t.best_val) else None, "best_step": t.best_step,
+        "last_checkpoint_step": t.last_ckpt_step,
         "val_loss": last_eval["val_loss"] if last_eval else None, "val_ppl": last_eval["val_ppl"] if last_eval else None,
         "tokens_per_s": tokens_run / elapsed if tokens_run else None, "seconds": time.time() - t_start,
         "run_dir": str(out), "world_size": d.world, "rank": d.rank,
