@@ -253,7 +253,7 @@ def test_trainer_trains_the_thresholds_without_weight_decay(tmp_path):
     data = [{"input_ids": x, "labels": x} for x in torch.randint(0, 100, (8, 16), generator=g)]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
                              learning_rate=1e-2, weight_decay=0.1, logging_steps=1, report_to=[],
-                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+                             save_strategy="steps", save_steps=3, use_cpu=True, disable_tqdm=True)
     trainer = EntropyRegTrainer(model=wrapped, args=args, train_dataset=data)
     trainer.train()
     groups = [g for g in trainer.optimizer.param_groups
@@ -262,3 +262,16 @@ def test_trainer_trains_the_thresholds_without_weight_decay(tmp_path):
     assert not torch.allclose(wrapped.regularizer.thresholds, start)
     logged = [h for h in trainer.state.log_history if "reg_loss" in h]
     assert len(logged) == 3 and all(h["reg_loss"] > 0 and "lm_loss" in h for h in logged)
+
+    # the step-3 checkpoint: the HF model loadable on its own, the thresholds beside it, both restored
+    ckpt = tmp_path / "checkpoint-3"
+    alone = GPT2LMHeadModel.from_pretrained(ckpt)
+    assert torch.equal(alone.transformer.h[1].attn.c_attn.weight, wrapped.model.transformer.h[1].attn.c_attn.weight)
+    fresh = RegularizedCausalLM(tiny_gpt2(), lam=0.1, threshold_init=0.3)
+    EntropyRegTrainer(model=fresh, args=args, train_dataset=data)._load_from_checkpoint(str(ckpt))
+    assert torch.equal(fresh.regularizer.thresholds, wrapped.regularizer.thresholds)
+    assert torch.equal(fresh.model.lm_head.weight, wrapped.model.lm_head.weight)
+    args.max_steps = 4  # and Trainer's own resume goes through the same loader
+    resumed = EntropyRegTrainer(model=RegularizedCausalLM(tiny_gpt2(), lam=0.1), args=args, train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 4

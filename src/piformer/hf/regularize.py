@@ -19,6 +19,7 @@ refuses a model loaded with 'sdpa' or 'flash_attention_2' and says how to load i
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ from transformers.utils import ModelOutput
 
 from ..regularizer import EntropyRegularizer, hf_layer_windows
 
+
+REGULARIZER_WEIGHTS = "entropy_regularizer.safetensors"
+"""File name of the thresholds beside a Trainer checkpoint's model weights."""
 
 ATTENTION_DROPOUT_KEYS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")
 """Config fields that hold the attention-probability dropout in common HF architectures."""
@@ -140,9 +144,16 @@ def __getattr__(name: str):
 def _make_trainer():
     from transformers import Trainer
 
+    from safetensors.torch import load_file, save_file
+
     class EntropyRegTrainer(Trainer):
         """A `transformers.Trainer` for a `RegularizedCausalLM`: thresholds without weight decay,
-        and the mean lm_loss, reg_loss and reg_outside since the last log in every log line."""
+        and the mean lm_loss, reg_loss and reg_outside since the last log in every log line.
+
+        A checkpoint holds the HF model as `save_pretrained` writes it (loadable on its own with
+        `from_pretrained`) and the thresholds in entropy_regularizer.safetensors beside it;
+        resuming and load_best_model_at_end read both. Single process or DDP (not DeepSpeed/FSDP).
+        """
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -167,6 +178,36 @@ def _make_trainer():
                         self._reg_sums[key] = self._reg_sums.get(key, 0.0) + value.detach().float()
                 self._reg_count += 1
             return (loss, outputs) if return_outputs else loss
+
+        def _wrapper(self, model: nn.Module | None = None) -> RegularizedCausalLM:
+            return self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            # Trainer's own fallback for a non-PreTrainedModel writes one state dict, which
+            # safetensors refuses for tied weights (GPT-2's wte/lm_head) and from_pretrained
+            # could not read: save the model the HF way and the thresholds beside it.
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            wrapper = self._wrapper()
+            wrapper.model.save_pretrained(output_dir)
+            save_file({k: v.detach().contiguous().cpu() for k, v in wrapper.regularizer.state_dict().items()},
+                      os.path.join(output_dir, REGULARIZER_WEIGHTS))
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+            wrapper = self._wrapper(model)
+            reg_file = os.path.join(resume_from_checkpoint, REGULARIZER_WEIGHTS)
+            if not os.path.isfile(reg_file):
+                raise FileNotFoundError(f"{resume_from_checkpoint} has no {REGULARIZER_WEIGHTS}: not an EntropyRegTrainer checkpoint")
+            saved = type(wrapper.model).from_pretrained(resume_from_checkpoint, attn_implementation="eager")
+            wrapper.model.load_state_dict(saved.state_dict())
+            wrapper.regularizer.load_state_dict(load_file(reg_file, device=str(wrapper.regularizer.thresholds.device)))
+
+        def _load_best_model(self) -> None:
+            self._load_from_checkpoint(self.state.best_model_checkpoint)
 
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
             if self._reg_count and "loss" in logs:
