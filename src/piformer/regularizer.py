@@ -62,6 +62,7 @@ class EntropyRegularizer(nn.Module):
     threshold_init: initial theta (target = theta * E_max).
     ceiling: 'logT' or 'causal' (see the module docstring).
     window: sliding-window span, one int for every layer or one per layer (None: full attention).
+    The sequence length T is read from each input, as PiGPT does, so one module serves every T.
     """
 
     def __init__(
