@@ -6,6 +6,7 @@ named in the docstrings (mutmut's names, tools/mutation.sh); the point is the mi
 name: weights applied to the wrong linear, a mode ignored, a comparison off by its edge.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -442,8 +443,10 @@ def test_model_config_choices_and_combinations_name_what_is_valid():
     assert "ModelConfig.temperature_param: unknown value 'log'" in _err(lambda: ModelConfig(temperature_param="log"))
     assert "ModelConfig.spectral_norm: unknown group 'kq'" in _err(lambda: ModelConfig(spectral_norm="kq"))
     assert _err(lambda: ModelConfig(n_embd=30, n_head=4)) == "ModelConfig.n_embd=30 must be divisible by n_head=4"
-    msg = _err(lambda: ModelConfig(ffn="fused", ffn_act="relu"))
-    assert "got ffn_act='relu'" in msg and "(valid with 'fused': 'none')" in msg
+    assert _err(lambda: ModelConfig(ffn_act="swish")) == "ModelConfig.ffn_act: unknown value 'swish'; valid: 'gelu', 'relu', 'none'"
+    assert _err(lambda: ModelConfig(ffn="fused", ffn_act="relu")) == (
+        "ModelConfig.ffn='fused' merges the FFN's two linears, which is only exact without an activation; "
+        "got ffn_act='relu' (valid with 'fused': 'none')")
     assert ModelConfig(ffn="fused", ffn_act="none").ffn == "fused"
     cfg = ModelConfig(n_embd=48, n_head=4)
     assert cfg.head_dim == 12
@@ -457,7 +460,7 @@ def test_norm_groups_parse_case_and_space_insensitively():
     assert parse_norm_groups("None") == parse_norm_groups("") == parse_norm_groups(None) == frozenset()
     msg = _err(lambda: parse_norm_groups("qk+mlp", "spectral_norm"))
     assert msg.startswith("ModelConfig.spectral_norm: unknown group 'mlp' in 'qk+mlp'; valid groups: qk, qkv, qkvo, ffn")
-    assert "weight_norm" in _err(lambda: parse_norm_groups("x"))  # the default field name
+    assert _err(lambda: parse_norm_groups("x")).startswith("ModelConfig.weight_norm: unknown group 'x'")  # default name
     cfg = ModelConfig(weight_norm="qkv", spectral_norm="ffn")
     assert cfg.weight_norm_layers == {"q", "k", "v"} and cfg.spectral_norm_layers == {"ffn"}
 
@@ -1080,3 +1083,17 @@ def test_non_string_values_for_string_fields_and_bools_for_int_fields():
         "(joined with '+', e.g. 'qk+ffn')")
     got = ModelConfig.from_dict({"n_layer": True}).n_layer
     assert got == 1 and type(got) is int
+
+
+@dataclasses.dataclass
+class _PartlyDocumented:
+    undocumented: int = 1
+    documented: int = 5
+    """Has a docstring."""
+
+
+def test_field_docs_take_only_string_statements_under_a_field():
+    """A field without a docstring gets none (not the next field's default)."""
+    from piformer.config import field_docs
+
+    assert field_docs(_PartlyDocumented) == {"documented": "Has a docstring."}
