@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paper
+from . import run_dir as rd
 from .fileio import atomic_write_text
 from .entropy import BAND_LABELS
 from .report_doc import Document, Figure, Heading, Para, Table
@@ -51,16 +52,16 @@ def collect(run_root: str | Path) -> dict[str, Any]:
         runs.append({
             "label": label,
             "preset": spec.get("preset", label),
-            "seed": spec.get("seed") if spec.get("seed") is not None else (_read(d / "config.json") or {}).get("train", {}).get("seed"),
+            "seed": spec.get("seed") if spec.get("seed") is not None else (_read(d / rd.CONFIG) or {}).get("train", {}).get("seed"),
             "variant": spec.get("variant", ""),
             "dir": rel,
-            "regulariser": _regulariser_summary(d / "metrics.jsonl"),
-            "status": _read(d / "status.json") or {},
-            "eval": _read(d / "eval.json"),
-            "entropy": _read(d / "entropy.json"),
-            "pi_cost": _read(d / "pi_cost.json"),
-            "pi_cost_paper_shape": _read(d / "pi_cost_gpt2.json"),
-            "pi_secure": _read(d / "pi_secure.json"),
+            "regulariser": _regulariser_summary(d / rd.METRICS),
+            "status": _read(d / rd.STATUS) or {},
+            "eval": _read(d / rd.EVAL),
+            "entropy": _read(d / rd.ENTROPY),
+            "pi_cost": _read(d / rd.PI_COST),
+            "pi_cost_paper_shape": _read(d / rd.PI_COST_GPT2),
+            "pi_secure": _read(d / rd.PI_SECURE),
         })
     data_dir = Path(manifest["data_dir"]) if manifest.get("data_dir") else root / "data"
     if not data_dir.is_absolute():
@@ -465,7 +466,7 @@ def draw_figures(run_root: str | Path) -> dict[str, str]:
 
     root = Path(run_root)
     manifest = _read(root / "reproduce.json") or {}
-    runs = [root / rel for rel in manifest.get("runs", {}).values() if (root / rel / "entropy.json").is_file()]
+    runs = [root / rel for rel in manifest.get("runs", {}).values() if (root / rel / rd.ENTROPY).is_file()]
     if not runs:
         return {}
     paths = make_all_figures(runs, root / "figures")

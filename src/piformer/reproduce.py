@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import run_dir
 from .fileio import atomic_write_text
 from .config import ModelConfig, train_recipe
 
@@ -304,7 +305,7 @@ def reproduce(
     if secure:
         for preset in secure_runs:
             run = root / manifest["runs"][RunSpec(preset).label]
-            if not _has_checkpoint(run):
+            if not run_dir.has_checkpoint(run):
                 progress.stage(f"secure inference {preset}: no checkpoint, skipped")
                 continue
             progress.stage(f"secure inference (SPU) {preset}, T={t.secure_seq_len}")
@@ -312,7 +313,7 @@ def reproduce(
 
     # 4. figures and report
     progress.stage("figures")
-    analysed = [root / manifest["runs"][s.label] for s in specs if (root / manifest["runs"][s.label] / "entropy.json").is_file()]
+    analysed = [root / manifest["runs"][s.label] for s in specs if (root / manifest["runs"][s.label] / run_dir.ENTROPY).is_file()]
     manifest["figures"] = timed("figures", _figures_stage, root, analysed)
     progress.stage("report")
     save_manifest()
@@ -356,10 +357,10 @@ def _run_pipeline(spec: RunSpec, tier: Tier, vocab_size: int, data_dir: Path, ru
 
     cfg = ModelConfig.from_preset(spec.preset, size=tier.size, **{**tier.model, **spec.model, "vocab_size": vocab_size})
     timed("train", _train_stage, spec, tier, cfg, data_dir, run, progress)
-    if not _has_checkpoint(run):
+    if not run_dir.has_checkpoint(run):
         # A run that diverged before its first checkpoint has nothing to evaluate or analyse;
         # its status.json carries the outcome into the report.
-        step = json.loads((run / "status.json").read_text()).get("step")
+        step = run_dir.read_status(run).get("step")
         print(f"  {spec.label}: no checkpoint (diverged at step {step}); only analytic cost", flush=True)
     else:
         timed("eval", _eval_stage, run, data_dir, tier.eval_batches)
@@ -374,59 +375,49 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _has_checkpoint(run: Path) -> bool:
-    from .checkpoint import resolve_checkpoint
-
-    try:
-        resolve_checkpoint(run)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 def _train_stage(spec: RunSpec, tier: Tier, cfg: ModelConfig, data_dir: Path, run: Path,
                  progress: bool | str = True) -> None:
     from .train import train
 
-    status = json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}
+    status = run_dir.read_status(run)
     if status.get("status") in ("finished", "diverged"):
         print(f"  already {status['status']} at step {status.get('step')}", flush=True)
         return
-    resume = (run / "config.json").is_file()  # train() also resumes a run killed before its first checkpoint
+    resume = run_dir.has_config(run)  # train() also resumes a run killed before its first checkpoint
     train_cfg = train_recipe(tier.size, **{**tier.train, **({"seed": spec.seed} if spec.seed is not None else {})})
     train(cfg, train_cfg, data_dir, run, resume=resume, preset=spec.preset, size=tier.size, progress=progress)
 
 
 def _eval_stage(run: Path, data_dir: Path, max_batches: int | None) -> None:
-    if (run / "eval.json").is_file():
+    if (run / run_dir.EVAL).is_file():
         return
     from .train import evaluate_run
 
     # Scores the best checkpoint; a diverged run's best is its last good one, and the report
     # shows it as diverged (the paper's NaN) with this number kept for reference.
     result = evaluate_run(run, data_dir, max_batches=max_batches, device=_device())
-    atomic_write_text(run / "eval.json", json.dumps(result, indent=1))
+    atomic_write_text(run / run_dir.EVAL, json.dumps(result, indent=1))
 
 
 def _entropy_stage(run: Path, data_dir: Path, batches: int) -> None:
-    if (run / "entropy.json").is_file():
+    if (run / run_dir.ENTROPY).is_file():
         return
     from .analysis.runs import analyse_run
 
     result = analyse_run(run, data_dir=data_dir, batches=batches, device=_device())
-    atomic_write_text(run / "entropy.json", json.dumps(result.to_dict(), indent=1))
+    atomic_write_text(run / run_dir.ENTROPY, json.dumps(result.to_dict(), indent=1))
 
 
 def _cost_stage(run: Path, preset: str, cfg: ModelConfig) -> None:
     from .pi.cost import pi_cost
 
-    atomic_write_text(run / "pi_cost.json", json.dumps(pi_cost(cfg, preset=preset).to_dict(), indent=1))
+    atomic_write_text(run / run_dir.PI_COST, json.dumps(pi_cost(cfg, preset=preset).to_dict(), indent=1))
     paper_shape = ModelConfig.from_preset(preset, size="gpt2-small", vocab_size=50257)
-    atomic_write_text(run / "pi_cost_gpt2.json", json.dumps(pi_cost(paper_shape, preset=preset).to_dict(), indent=1))
+    atomic_write_text(run / run_dir.PI_COST_GPT2, json.dumps(pi_cost(paper_shape, preset=preset).to_dict(), indent=1))
 
 
 def _secure_stage(run: Path, data_dir: Path, seq_len: int) -> None:
-    if (run / "pi_secure.json").is_file():
+    if (run / run_dir.PI_SECURE).is_file():
         return
     import numpy as np
 
@@ -438,7 +429,7 @@ def _secure_stage(run: Path, data_dir: Path, seq_len: int) -> None:
     model = load_model(run)
     ids = np.asarray(TokenData(data_dir).val[:seq_len], dtype=np.int64)  # the client's prompt
     report = run_secure(state_dict_to_numpy(model), model.config, ids)
-    atomic_write_text(run / "pi_secure.json", json.dumps(report.to_dict(), indent=1, default=str))
+    atomic_write_text(run / run_dir.PI_SECURE, json.dumps(report.to_dict(), indent=1, default=str))
 
 
 def _figures_stage(root: Path, runs: list[Path]) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
     result = train(ModelConfig.from_preset("SM+LN+G", "tiny"), train_recipe("tiny"), "data/builtin", "runs/x")
 
-A run directory holds:
+A run directory holds (piformer.run_dir owns the layout, the names and the lock):
 
     config.json          preset, size, model and train configs, data dir and its fingerprint
     status.json          {status: running|finished|diverged|interrupted, step, best_val_loss, ...}
@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -38,13 +36,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from filelock import FileLock, Timeout
 
 from . import checkpoint as ckpt_io
+from . import run_dir as rd
 from .config import ModelConfig, TrainConfig
 from .data.shards import TokenData
-from .errors import RunInUseError, RunTerminated
-from .fileio import atomic_write_text, file_mode
+from .errors import RunTerminated
 from .logging_sinks import JSONLSink, TensorBoardSink, dispatch, notify, require_tensorboard
 from .logging_sinks import jsonable as _jsonable
 from .logging_sinks import scalars as _scalars  # noqa: F401  (tests read the TensorBoard scalars through it)
@@ -213,8 +210,8 @@ class _Run:
         user's callbacks, which each log record reaches in that order (piformer.logging_sinks)."""
         if not self.enabled:
             return
-        self._metrics = JSONLSink(self.dir / "metrics.jsonl", keep_through_step)
-        self._listeners = [self._metrics, *([TensorBoardSink(self.dir / "tensorboard")] if tensorboard else []),
+        self._metrics = JSONLSink(self.dir / rd.METRICS, keep_through_step)
+        self._listeners = [self._metrics, *([TensorBoardSink(self.dir / rd.TENSORBOARD)] if tensorboard else []),
                            *self._callbacks]
         for listener in self._listeners:
             notify(listener, "on_train_start", self.dir)
@@ -235,7 +232,7 @@ class _Run:
         if not self.enabled:
             return
         self.status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        atomic_write_text(self.dir / "status.json", json.dumps(_jsonable(self.status), indent=1) + "\n")
+        rd.write_status(self.dir, _jsonable(self.status))
 
     def end(self, err: BaseException, **fields: Any) -> None:
         self.set_status(**_ended_by(err), **fields)
@@ -367,7 +364,7 @@ def _check_checkpoint_matches(ckpt: Path, model_cfg: ModelConfig, out: Path) -> 
     ckpt_cfg = ckpt_io.load_config(ckpt)
     if ckpt_cfg != model_cfg:
         diff = [f"{k}: {a!r} in the checkpoint, {b!r} in the run" for k, a, b in _model_diff(ckpt_cfg, model_cfg)]
-        raise ValueError(f"--resume: {ckpt / ckpt_io.CONFIG} describes a different model than {out / 'config.json'} "
+        raise ValueError(f"--resume: {ckpt / ckpt_io.CONFIG} describes a different model than {out / rd.CONFIG} "
                          f"({'; '.join(diff)}); the checkpoint does not belong to this run")
 
 
@@ -388,56 +385,12 @@ def _best_so_far(state: dict[str, Any], best_dir: Path) -> tuple[float, int | No
     return best_val, best_step
 
 
-LOCK_FILE = ".lock"
-LOCK_HOLDER = ".lock.holder"
-"""RUN_DIR/.lock is held while a train() writes the run; .lock.holder says who holds it."""
+LOCK_FILE, LOCK_HOLDER = rd.LOCK_FILE, rd.LOCK_HOLDER  # where they were first defined; piformer.run_dir owns them
+_lock_run_dir, _unlock_run_dir = rd.lock, rd.unlock
+_read_status = rd.read_status
 
 
-def _has_checkpoint(out: Path) -> bool:
-    try:
-        ckpt_io.resolve_checkpoint(out, "last")
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def _read_status(out: Path) -> dict[str, Any]:
-    try:
-        return json.loads((out / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _lock_run_dir(out: Path) -> FileLock:
-    """Hold RUN_DIR/.lock for this process, or fail at once naming the process that holds it.
-
-    An OS lock (flock): the kernel drops it when its holder exits, however it dies (SIGKILL, a
-    lost node), so a stale lock never blocks a resume.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out / LOCK_FILE), timeout=0, mode=file_mode())
-    try:
-        lock.acquire()
-    except Timeout:
-        try:
-            h = json.loads((out / LOCK_HOLDER).read_text())
-            holder = f"pid {h['pid']} on host {h['host']}, since {h['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            holder = "which one is not recorded yet"
-        raise RunInUseError(f"{out} is being trained by another process ({holder}); wait for it to end or stop it, "
-                            "or choose another --out") from None
-    try:
-        atomic_write_text(out / LOCK_HOLDER, json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def _unlock_run_dir(out: Path, lock: FileLock) -> None:
-    (out / LOCK_HOLDER).unlink(missing_ok=True)  # first: once released, the record is the next holder's
-    lock.release()
+_has_checkpoint = rd.has_checkpoint
 
 
 def train(
@@ -535,22 +488,22 @@ def _open_run_dir(held: contextlib.ExitStack, out: Path, resume: bool, env: _Env
     (None, None: start at step 0)."""
     last: Path | None = None
     state: dict[str, Any] | None = None
-    if resume and not (out / "config.json").is_file():
+    if resume and not rd.has_config(out):
         raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
     if env.d.master:  # before reading the run: it must not change under us (other ranks only read)
         lock = _lock_run_dir(out)
         held.callback(_unlock_run_dir, out, lock)
     if resume:
-        saved = json.loads((out / "config.json").read_text())
+        saved = rd.read_config(out)
         _check_resume_compatible(saved, env.model_cfg, env.fingerprint)
         try:
-            last = ckpt_io.resolve_checkpoint(out / "checkpoints" / "last")
+            last = ckpt_io.resolve_checkpoint(rd.checkpoint_dir(out, rd.LAST))
         except FileNotFoundError:
             last = None  # killed before the first checkpoint: start over in place
         if last is not None:
             _check_checkpoint_matches(last, env.model_cfg, out)
             state = ckpt_io.load_trainer_state(last)
-    elif (out / "config.json").is_file() or (out / "checkpoints").exists():
+    elif rd.has_config(out) or (out / rd.CHECKPOINTS).exists():
         _start_over(out, env.d)
     if env.d.on:
         # Every rank has now read the run directory as it was; only then may rank 0 write to it
@@ -570,7 +523,8 @@ def _open_run_dir(held: contextlib.ExitStack, out: Path, resume: bool, env: _Env
         # A kill mid-save leaves the half-written temp directory of checkpoint.save_checkpoint
         # behind (never mistaken for a checkpoint, but litter). We hold the lock, so no other
         # process is saving here: every temporary is stale. Clear them before writing again.
-        for stale in (out / "checkpoints").glob(".*.tmp-*") if (out / "checkpoints").is_dir() else ():
+        ckpts = out / rd.CHECKPOINTS
+        for stale in ckpts.glob(".*.tmp-*") if ckpts.is_dir() else ():
             shutil.rmtree(stale, ignore_errors=True)
     return run, last, state
 
@@ -583,10 +537,10 @@ def _start_over(out: Path, d: _Dist) -> None:
     # resume: a corrected retry starts it over. Its log is kept aside, not deleted.
     if d.master:
         prior = _read_status(out).get("status", "unknown")
-        if (out / "metrics.jsonl").is_file():
-            os.replace(out / "metrics.jsonl", out / "metrics.previous-attempt.jsonl")
+        if (out / rd.METRICS).is_file():
+            os.replace(out / rd.METRICS, out / rd.METRICS_PREVIOUS)
         print(f"{out}: starting over; the run there ended '{prior}' before its first checkpoint "
-              "(its metrics are kept in metrics.previous-attempt.jsonl)", file=sys.stderr)
+              f"(its metrics are kept in {rd.METRICS_PREVIOUS})", file=sys.stderr)
 
 
 def _write_run_config(out: Path, env: _Env, train_cfg: TrainConfig, data_dir: str | Path,
@@ -601,7 +555,7 @@ def _write_run_config(out: Path, env: _Env, train_cfg: TrainConfig, data_dir: st
         "world_size": env.d.world, "device": str(env.device), "micro_batch_size": env.micro, "grad_accum": env.accum,
         "torch": torch.__version__, "python": sys.version.split()[0],
     }
-    atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=1) + "\n")
+    rd.write_config(out, run_cfg)
 
 
 def _build_model(env: _Env, train_cfg: TrainConfig, out: Path, last: Path | None, state: dict[str, Any] | None,
@@ -673,7 +627,7 @@ def _set_up(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: Train
     t = _Trainer(env, train_cfg, out, run, model, raw_model, optimizer, scaler, train_cfg.reg_loss())
     if state is not None:
         t.step = t.last_ckpt_step = int(state["step"])
-        t.best_val, t.best_step = _best_so_far(state, out / "checkpoints" / "best")
+        t.best_val, t.best_step = _best_so_far(state, rd.checkpoint_dir(out, rd.BEST))
 
     run.open_metrics(t.step if resume else None, train_cfg.tensorboard)
     if resume and env.d.master:
@@ -806,7 +760,7 @@ def _save(t: _Trainer, which: str) -> None:
         # Every metrics line through `step` reaches the file first: a resume from this
         # checkpoint keeps those lines, so a kill just after it must not lose them.
         t.run.flush()
-        path = t.out / "checkpoints" / which
+        path = rd.checkpoint_dir(t.out, which)
         ckpt_io.save_checkpoint(path, t.raw_model, _trainer_state(t))
         t.run.checkpoint(t.step, which, path)
     if which == "last":

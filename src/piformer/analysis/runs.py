@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from .. import run_dir as rd
 from ..checkpoint import load_model, resolve_checkpoint
 from .hf import hf_context_length, hf_entropy_fn, hf_sliding_window, hf_tokenize_text, is_hf_model_dir, load_hf_causal_lm
 from .measure import measure_head_entropy, val_batches
 from .result import EntropyHistory, EntropyResult, analyse_entropy, temperature_stats
 
-METRICS = "metrics.jsonl"
-STATUS = "status.json"
-RUN_CONFIG = "config.json"
+METRICS, STATUS, RUN_CONFIG = rd.METRICS, rd.STATUS, rd.CONFIG
 HF_DEFAULT_SEQ_LEN = 128
 """Context measured on HF models unless --seq-len says otherwise (the paper's T; capped by the model's)."""
 
@@ -54,25 +53,16 @@ class RunInfo:
 
     def recorded_data_dir(self) -> Path | None:
         """The data directory the run was trained on, as recorded in its config.json, resolved."""
-        raw = _find_data_dir(self.config)
-        if raw is None:
-            return None
-        p = Path(raw).expanduser()
-        if p.is_absolute():
-            return p
-        for base in (Path.cwd(), self.path, self.path.parent):
-            if (base / p).is_dir():
-                return base / p
-        return p
+        return rd.recorded_data_dir(self.config, self.path)
 
 
 def open_run(path: str | Path, which: str = "best") -> RunInfo:
     """Locate a run's checkpoint, config, status and metrics. Missing extras are tolerated."""
     path = Path(path).expanduser()
     ckpt = resolve_checkpoint(path, which)
-    if (path / "checkpoints").is_dir():
+    if (path / rd.CHECKPOINTS).is_dir():
         root = path
-    elif ckpt.parent.name == "checkpoints":
+    elif ckpt.parent.name == rd.CHECKPOINTS:
         root = ckpt.parent.parent
     else:
         root = ckpt
@@ -277,7 +267,7 @@ def analyse_paths(
     return results
 
 
-RESULT_FILE = "entropy.json"
+RESULT_FILE = rd.ENTROPY
 """Where a pipeline (e.g. `piformer reproduce`) keeps a run's analysis: RUN_DIR/entropy.json."""
 
 
@@ -353,21 +343,6 @@ def _uniquify(results: list[EntropyResult]) -> None:
         if names.count(r.name) > 1:
             k = seen[r.name] = seen.get(r.name, 0) + 1
             r.name = f"{r.name} #{k}"
-
-
-def _find_data_dir(cfg: dict[str, Any]) -> str | None:
-    for key in ("data_dir", "data"):
-        v = cfg.get(key)
-        if isinstance(v, str) and v:
-            return v
-        if isinstance(v, dict):
-            for k in ("dir", "data_dir", "path", "out_dir"):
-                if isinstance(v.get(k), str) and v[k]:
-                    return v[k]
-    train = cfg.get("train")
-    if isinstance(train, dict) and isinstance(train.get("data_dir"), str):
-        return train["data_dir"]
-    return None
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-from pathlib import Path
 
 NAME = "train"
 HELP = ("train a model (one process, or DDP under torchrun); exit status 0 finished, "
@@ -41,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_configs(args: argparse.Namespace):
     """(model_cfg, train_cfg, data_dir, preset, size) from the arguments (and the run's config on --resume)."""
-    from piformer.config import ModelConfig, TrainConfig, parse_overrides, train_recipe
+    from piformer.config import ModelConfig, parse_overrides, train_recipe
     from piformer.data import read_meta
 
     overrides = parse_overrides(args.set)
@@ -51,20 +49,10 @@ def build_configs(args: argparse.Namespace):
             overrides["train"][key] = value
     if "vocab_size" in overrides["model"]:
         raise ValueError("model.vocab_size comes from the data's tokenizer (meta.json); do not --set it")
-    out = Path(args.out)
-    if args.resume:
-        if not (out / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-        saved = json.loads((out / "config.json").read_text())
-        preset, size = args.preset or saved.get("preset"), args.size or saved.get("size")
-        data_dir = args.data or saved["data"]["dir"]
-        if args.preset or args.size:
-            model = ModelConfig.from_preset(preset or "SM+LN+G", size or "cpu-small",
-                                            vocab_size=int(read_meta(data_dir)["vocab_size"]), **overrides["model"])
-        else:
-            model = ModelConfig.from_saved({**saved["model"], **overrides["model"]})
-        train = TrainConfig.from_dict({**saved["train"], **overrides["train"]})
-        return model, train, data_dir, preset, size
+    if args.resume:  # the run's saved configs, with the overrides on top (piformer.run_dir)
+        from piformer.run_dir import resume_configs
+
+        return resume_configs(args.out, overrides, preset=args.preset, size=args.size, data=args.data)
     preset, size = args.preset or "SM+LN+G", args.size or "cpu-small"
     data_dir = args.data or "data/builtin"
     vocab = int(read_meta(data_dir)["vocab_size"])  # fail fast, with the "run data prepare" hint

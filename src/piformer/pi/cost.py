@@ -20,7 +20,6 @@ at T=512 is exactly 7.248B but printed 7.3B; every other entry agrees with that 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -136,23 +135,11 @@ def pi_cost(cfg: ModelConfig, seq_len: int | None = None, preset: str | None = N
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
-    """ModelConfig from a run directory, a checkpoint directory or a config.json file.
+    """ModelConfig from a run directory, a checkpoint directory or a config.json file
+    (piformer.run_dir.read_model_config: the run's config.json, then best's, then last's)."""
+    from ..run_dir import read_model_config
 
-    Accepts a flat ModelConfig dict or one nested under a "model" key.
-    """
-    p = Path(path)
-    candidates = [p] if p.is_file() else [
-        p / "config.json", p / "checkpoints" / "best" / "config.json", p / "checkpoints" / "last" / "config.json",
-    ]
-    for c in candidates:
-        if c.is_file():
-            data = json.loads(c.read_text())
-            if isinstance(data.get("model"), dict):
-                data = data["model"]
-            return ModelConfig.from_saved(data)
-    if not p.exists():
-        raise FileNotFoundError(f"no such run directory or file: {p}")
-    raise FileNotFoundError(f"no config.json in {p} (looked at: {', '.join(map(str, candidates))})")
+    return read_model_config(path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,21 +3,11 @@ data, or (failing all) seeded random ids. Kept apart so the CLI stays thin."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-
-def _run_data_dir(run_dir: str | Path) -> Path | None:
-    cfg = Path(run_dir) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        d = json.loads(cfg.read_text()).get("data", {})
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    return Path(d["dir"]) if isinstance(d, dict) and d.get("dir") else None
+from ..run_dir import run_data_dir
 
 
 def parse_ids(spec: str) -> np.ndarray:
@@ -43,14 +33,14 @@ def resolve_tokens(
     elif text:
         from piformer.data.tokenizer import load_tokenizer
 
-        data_dir = _run_data_dir(run_dir) if run_dir else None
+        data_dir = run_data_dir(run_dir) if run_dir else None
         if data_dir is None:
             raise ValueError("--text needs the run's tokenizer: the run directory records no data directory")
         ids = np.array(load_tokenizer(data_dir).encode(text).ids, dtype=np.int64)
         source = f"--text, tokenized with {data_dir / 'tokenizer.json'}"
     else:
         ids, source = None, ""
-        data_dir = _run_data_dir(run_dir) if run_dir else None
+        data_dir = run_data_dir(run_dir) if run_dir else None
         if data_dir is not None and T:
             try:
                 from piformer.data.shards import TokenData
