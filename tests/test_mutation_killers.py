@@ -1097,3 +1097,19 @@ def test_field_docs_take_only_string_statements_under_a_field():
     from piformer.config import field_docs
 
     assert field_docs(_PartlyDocumented) == {"documented": "Has a docstring."}
+
+
+def test_overload_in_the_last_layer_of_a_model_deeper_than_wide():
+    T = 16
+    lt = math.log(T)
+    d = diagnose(torch.tensor([[0.5 * lt, 0.5 * lt], [0.5 * lt, 0.5 * lt], [0.9 * lt, 0.9 * lt]]), T)
+    assert d.overloaded_layers == [2] and d.overloaded_heads == [(2, 0), (2, 1)]
+
+
+def test_uniform_causal_entropy_under_a_sliding_window():
+    from piformer.entropy import uniform_causal_entropy
+
+    T, w = 10, 4
+    want = sum(math.log(min(i + 1, w)) for i in range(T)) / T
+    assert uniform_causal_entropy(T, window=w) == pytest.approx(want, rel=1e-12)
+    assert uniform_causal_entropy(T, w) < uniform_causal_entropy(T)
