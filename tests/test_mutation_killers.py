@@ -1113,3 +1113,13 @@ def test_uniform_causal_entropy_under_a_sliding_window():
     want = sum(math.log(min(i + 1, w)) for i in range(T)) / T
     assert uniform_causal_entropy(T, window=w) == pytest.approx(want, rel=1e-12)
     assert uniform_causal_entropy(T, w) < uniform_causal_entropy(T)
+
+
+def test_causal_row_ceiling_accepts_any_positive_window_and_names_a_bad_one():
+    from piformer.entropy import causal_row_ceiling
+
+    assert torch.equal(causal_row_ceiling(4, window=1), torch.zeros(4, dtype=torch.float64))  # one key: no entropy
+    torch.testing.assert_close(causal_row_ceiling(5, window=3), torch.tensor([1.0, 2, 3, 3, 3], dtype=torch.float64).log())
+    torch.testing.assert_close(causal_row_ceiling(3), torch.tensor([1.0, 2, 3], dtype=torch.float64).log())
+    assert _err(lambda: causal_row_ceiling(4, window=0)) == (
+        "window must be a positive number of keys (or None for full causal attention), got 0")
