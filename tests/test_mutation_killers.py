@@ -1123,3 +1123,11 @@ def test_causal_row_ceiling_accepts_any_positive_window_and_names_a_bad_one():
     torch.testing.assert_close(causal_row_ceiling(3), torch.tensor([1.0, 2, 3], dtype=torch.float64).log())
     assert _err(lambda: causal_row_ceiling(4, window=0)) == (
         "window must be a positive number of keys (or None for full causal attention), got 0")
+
+
+def test_penalty_uses_the_e_max_it_is_given():
+    """A given E_max (e.g. log of a sliding window) replaces log T in target and band."""
+    theta = torch.full((1, 1), 0.5)
+    e = torch.tensor([[math.log(4.0)]])  # exactly on target 0.5 * log 16; far from 0.5 * log 4
+    assert entropy_penalty(e, theta, 16, 0.1).item() == pytest.approx(0.0, abs=1e-12)
+    assert entropy_penalty(e, theta, 16, 0.1, e_max=math.log(4.0)).item() == pytest.approx((0.5 * math.log(4.0)) ** 2)
