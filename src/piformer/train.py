@@ -763,7 +763,7 @@ def _save(t: _Trainer, which: str) -> None:
         path = rd.checkpoint_dir(t.out, which)
         ckpt_io.save_checkpoint(path, t.raw_model, _trainer_state(t))
         t.run.checkpoint(t.step, which, path)
-    if which == "last":
+    if which == rd.LAST:
         t.last_ckpt_step = t.step
 
 
@@ -789,7 +789,7 @@ def _evaluate(t: _Trainer, say: str | None) -> dict[str, float]:
     t.run.log({"step": t.step, "event": "eval", **ev}, flush=True)
     if ev["val_loss"] < t.best_val:
         t.best_val, t.best_step = ev["val_loss"], t.step
-        _save(t, "best")
+        _save(t, rd.BEST)
     t.run.set_status(step=t.step, best_val_loss=t.best_val, best_step=t.best_step, last_val_loss=ev["val_loss"])
     if say is not None and env.d.master:
         print(f"  {say}: step {t.step}/{t.cfg.max_steps}, val loss {ev['val_loss']:.4f}", flush=True)
@@ -806,13 +806,8 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
     t_start = time.time()
     out = Path(out_dir)
     t = _set_up(held, model_cfg, train_cfg, data_dir, out, resume, preset, size, init_from, callbacks)
-    cfg, run, master = train_cfg, t.run, t.env.d.master
-    bar = None
-    if master and progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=t.step, unit="step", dynamic_ncols=True,
-                   desc=f"train {preset or ''}".strip())
+    cfg, run = train_cfg, t.run
+    bar = _progress_bar(t, preset) if progress is True else None
     say = (preset or out.name) if progress == "lines" else None
 
     t.model.train()
@@ -837,7 +832,7 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
             if t.step % cfg.eval_interval == 0 or t.step == cfg.max_steps:
                 last_eval = _evaluate(t, say)
             if t.step % cfg.checkpoint_interval == 0 or t.step == cfg.max_steps:
-                _save(t, "last")
+                _save(t, rd.LAST)
                 run.set_status(step=t.step, last_checkpoint_step=t.step)
     except BaseException as err:
         run.end(err, step=t.step)
@@ -863,6 +858,16 @@ def _train(held: contextlib.ExitStack, model_cfg: ModelConfig, train_cfg: TrainC
         "tokens_per_s": tokens_run / elapsed if tokens_run else None, "seconds": time.time() - t_start,
         "run_dir": str(out), "world_size": d.world, "rank": d.rank,
     }
+
+
+def _progress_bar(t: _Trainer, preset: str | None):
+    """A tqdm bar over the steps, on rank 0 (None on the others)."""
+    if not t.env.d.master:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=t.cfg.max_steps, initial=t.step, unit="step", dynamic_ncols=True,
+                desc=f"train {preset or ''}".strip())
 
 
 def _get_rng() -> dict[str, Any]:
