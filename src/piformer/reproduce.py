@@ -421,14 +421,12 @@ def _secure_stage(run: Path, data_dir: Path, seq_len: int) -> None:
         return
     import numpy as np
 
-    from .checkpoint import load_model
     from .data.shards import TokenData
-    from .pi.jax_forward import state_dict_to_numpy
-    from .pi.secure import run_secure
+    from .pi.secure import load_weights, run_secure
 
-    model = load_model(run)
+    cfg, sd = load_weights(str(run))
     ids = np.asarray(TokenData(data_dir).val[:seq_len], dtype=np.int64)  # the client's prompt
-    report = run_secure(state_dict_to_numpy(model), model.config, ids)
+    report = run_secure(sd, cfg, ids)
     atomic_write_text(run / run_dir.PI_SECURE, json.dumps(report.to_dict(), indent=1, default=str))
 
 

@@ -101,19 +101,14 @@ def print_report(report, as_json: bool, ops: bool = False, extra: dict | None = 
 
 def run(args: argparse.Namespace) -> int:
     _require_spu()
-    import numpy as np
-
-    from piformer.checkpoint import load_model
     from piformer.pi import jax_forward as jf
-    from piformer.pi.secure import measure_rounds, run_secure, run_two_process
+    from piformer.pi.secure import load_weights, measure_rounds, run_secure, run_two_process
     from piformer.pi.tokens import resolve_tokens
 
     settings = settings_from_args(args)
-    model = load_model(args.run_dir, which=args.checkpoint)
-    cfg = model.config
+    cfg, sd = load_weights(args.run_dir, args.checkpoint)
     ids, source = resolve_tokens(args.run_dir, args.seq_len, cfg.vocab_size, cfg.block_size,
                                  args.tokens, args.text, args.seed)
-    sd = jf.state_dict_to_numpy(model)
     extra = {"checkpoint": str(args.run_dir), "tokens": source}
     if (args.delay_ms or args.bandwidth_mbit) and not args.two_process:
         raise ValueError("--delay-ms and --bandwidth-mbit need --two-process (they shape a real TCP link)")
@@ -135,8 +130,7 @@ def run(args: argparse.Namespace) -> int:
     program = jf.build_program(cfg, len(ids), vocab_chunk=args.vocab_chunk, exp_clip=settings.exp_clip,
                                layers=args.layers, last_only=args.last_only)
     params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
-    env = jf.run_program(program, {**params, **jf.one_hot_chunks(ids, program.vocab_chunks)})
-    reference = np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)
+    reference = jf.plaintext_logits(program, {**params, **jf.one_hot_chunks(ids, program.vocab_chunks)})
     t0 = time.perf_counter()
     report = run_two_process(args.run_dir, ids, settings, which=args.checkpoint, vocab_chunk=args.vocab_chunk,
                              layers=args.layers, reference=reference, delay_s=args.delay_ms / 1e3 if args.delay_ms else None,

@@ -389,5 +389,11 @@ def forward(
     ids = np.asarray(ids).reshape(-1)
     program = build_program(cfg, len(ids), vocab_chunk=vocab_chunk, exp_clip=exp_clip, last_only=last_only)
     params = chunk_params(prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
-    env = run_program(program, {**params, **one_hot_chunks(ids, program.vocab_chunks)})
+    return plaintext_logits(program, {**params, **one_hot_chunks(ids, program.vocab_chunks)})
+
+
+def plaintext_logits(program: Program, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The program run in plaintext on all its inputs (the server's parameters and the client's
+    tokens), its vocabulary chunks joined: the logits a secure run is checked against."""
+    env = run_program(program, inputs)
     return np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)

@@ -321,9 +321,7 @@ def run_secure(
     logits = _reconstruct(settings, program, results[CLIENT].outputs, results[SERVER].outputs)
     report.logits = logits
     if check:
-        env = jf.run_program(program, {**params, **client_in})
-        plain = np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)
-        report.accuracy = _accuracy(logits, plain, settings)
+        report.accuracy = _accuracy(logits, jf.plaintext_logits(program, {**params, **client_in}), settings)
     return report
 
 
@@ -346,6 +344,15 @@ def _recv_json(lctx, src: int) -> dict:
     return json.loads(bytes(lctx.recv(src)).decode())
 
 
+def load_weights(run_dir: str, which: str = "best") -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """What the server holds: a checkpoint's model config and its folded numpy state dict
+    (`jax_forward.state_dict_to_numpy`), from a run or checkpoint directory."""
+    from piformer.checkpoint import load_model
+
+    model = load_model(run_dir, which=which)
+    return model.config, jf.state_dict_to_numpy(model)
+
+
 def serve(run_dir: str, listen: str, client: str, which: str = "best", log: Callable[[str], None] = print,
           max_queries: int = 1) -> None:
     """The server: load the checkpoint, wait for a client, run its queries securely.
@@ -354,11 +361,7 @@ def serve(run_dir: str, listen: str, client: str, which: str = "best", log: Call
     logits of its own tokens; the weights never leave this process.
     """
     require_spu()
-    from piformer.checkpoint import load_model
-
-    model = load_model(run_dir, which=which)
-    cfg = model.config
-    sd = jf.state_dict_to_numpy(model)
+    cfg, sd = load_weights(run_dir, which)
     log(f"pi-serve: SPU's log goes to {SPULog.path()}")
     for _ in range(max_queries):  # one link per client session
         log(f"pi-serve: waiting for a client at {client} (listening on {listen})")
@@ -476,7 +479,8 @@ def run_two_process(
     log_dir: str | None = None,
     last_only: bool = False,
 ) -> SecureReport:
-    """Start `piformer pi-serve` as a child process and query it from this process over TCP.
+    """Start the server (`python -m piformer.pi.serve`, what `piformer pi-serve` runs) as a child
+    process and query it from this process over TCP.
 
     With `delay_s` (one way; 0 still routes through the relay, as a baseline) or
     `bandwidth_bps`, both connections pass through a userspace relay (`piformer.pi.netsim`)
@@ -500,8 +504,9 @@ def run_two_process(
     else:
         client_seen_by_server, server_seen_by_client = client_addr, server_addr
     log = Path(log_dir or tempfile.mkdtemp(prefix="piformer-serve-")) / "pi-serve.log"
-    cmd = [sys.executable, "-c", "import sys; from piformer.cli import main; sys.exit(main(sys.argv[1:]))",
-           "pi-serve", str(run_dir), "--checkpoint", which, "--listen", server_addr, "--client", client_seen_by_server]
+    # The library's own server entry point (not the `piformer` CLI): the same serve() as `piformer pi-serve`.
+    cmd = [sys.executable, "-m", "piformer.pi.serve", str(run_dir), "--checkpoint", which,
+           "--listen", server_addr, "--client", client_seen_by_server]
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:
