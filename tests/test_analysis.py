@@ -17,6 +17,7 @@ from piformer.analysis import (
     entropy_history,
     format_comparison,
     format_result,
+    load_or_analyse,
     load_result,
     make_all_figures,
     measure_head_entropy,
@@ -376,12 +377,28 @@ def test_figures_without_the_data_are_skipped_with_a_reason(tmp_path):
         make_all_figures([synthetic()], tmp_path, only=["pie"])
 
 
-def test_make_all_figures_accepts_run_directories_with_saved_results(tmp_path):
+def test_make_all_figures_takes_results_loaded_from_run_directories(tmp_path):
     data = make_data(tmp_path)
     run, _ = make_run(tmp_path, "a", "SM+LN+G", data)
     save_result(analyse_run(run, batches=1), run)
-    figs = make_all_figures([run], tmp_path / "figs", formats=["png"])
+    figs = make_all_figures(load_or_analyse([run]), tmp_path / "figs", formats=["png"])
     assert "heatmap" in figs and "dynamics" in figs
+    # data flows one way: the plotting code neither loads a run nor measures one
+    with pytest.raises(ValueError, match="load_or_analyse"):
+        make_all_figures([run], tmp_path / "figs2", formats=["png"])
+
+
+def test_figures_module_imports_no_checkpoint_model_or_measure_code():
+    import ast
+    from pathlib import Path
+
+    import piformer.analysis.figures as figures
+
+    tree = ast.parse(Path(figures.__file__).read_text())
+    imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    banned = {m for m in imported for b in ("checkpoint", "model", "measure", "runs", "hf") if m.split(".")[-1] == b}
+    assert not banned, banned
 
 
 # ---------------------------------------------------------------------------------------
@@ -487,7 +504,7 @@ def test_run_styles_tell_twenty_runs_apart():
 
 
 def test_loss_curves_are_read_from_metrics_and_drawn(tmp_path):
-    from piformer.analysis.curves import read_loss_curve
+    from piformer.analysis.curves import read_loss_curve, read_loss_curves
 
     data = make_data(tmp_path)
     run, _ = make_run(tmp_path, "a", "SM+LN+G", data, steps=(5, 10, 15, 20))
@@ -506,7 +523,8 @@ def test_loss_curves_are_read_from_metrics_and_drawn(tmp_path):
     assert read_loss_curve(tmp_path / "nothing") is None
 
     save_result(analyse_run(run, batches=1), run)
-    figs = make_all_figures([run], tmp_path / "figs", formats=["png"])
+    results = load_or_analyse([run])
+    figs = make_all_figures(results, tmp_path / "figs", formats=["png"], curves=read_loss_curves([run], results))
     assert figs["loss"].name == "loss_curves.png"
     _assert_real_png(figs["loss"])
     # results alone carry no losses: the figure is skipped, saying why

@@ -462,14 +462,17 @@ def _what_was_run(doc: Document, res: dict[str, Any], root_name: str = "RUN_ROOT
 def draw_figures(run_root: str | Path) -> dict[str, str]:
     """Redraw RUN_ROOT/figures from the runs' saved files (entropy.json, metrics.jsonl; no model is
     loaded); ``{name: png path relative to RUN_ROOT}``."""
+    from .analysis.curves import read_loss_curves
     from .analysis.figures import make_all_figures
+    from .analysis.runs import load_or_analyse
 
     root = Path(run_root)
     manifest = _read(root / "reproduce.json") or {}
     runs = [root / rel for rel in manifest.get("runs", {}).values() if (root / rel / rd.ENTROPY).is_file()]
     if not runs:
         return {}
-    paths = make_all_figures(runs, root / "figures")
+    results = load_or_analyse(runs)  # each run has its entropy.json: read, not measured
+    paths = make_all_figures(results, root / "figures", curves=read_loss_curves(runs, results))
     return {k: str(Path(v).resolve().relative_to(root.resolve())) for k, v in paths.items()}
 
 

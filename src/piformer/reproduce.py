@@ -431,8 +431,11 @@ def _secure_stage(run: Path, data_dir: Path, seq_len: int) -> None:
 
 
 def _figures_stage(root: Path, runs: list[Path]) -> dict[str, str]:
+    from .analysis.curves import read_loss_curves
     from .analysis.figures import make_all_figures
+    from .analysis.runs import load_or_analyse
 
-    paths = make_all_figures(runs, root / "figures")
+    results = load_or_analyse(runs)  # analysis first; the figures only draw what it gives them
+    paths = make_all_figures(results, root / "figures", curves=read_loss_curves(runs, results))
     return {k: str(Path(v).resolve().relative_to(root.resolve())) for k, v in paths.items()}
 

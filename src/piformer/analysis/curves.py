@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from .result import EntropyResult
 from .runs import METRICS, RUN_CONFIG, STATUS, read_metrics
 
 
@@ -81,3 +83,11 @@ def read_loss_curve(run_dir: str | Path, name: str | None = None) -> LossCurve |
         val_steps=np.array(vs, dtype=int), val_loss=np.array([val[s] for s in vs], dtype=float),
         tokens_per_step=tokens_per_step, diverged_at=diverged,
     )
+
+
+def read_loss_curves(runs: Sequence[str | Path], results: Sequence[EntropyResult]) -> list[LossCurve | None]:
+    """The loss curves of the run directories `runs`, labelled as their entropy `results` are (one
+    result per run, in order, as `load_or_analyse` gives them; directory names otherwise)."""
+    runs = [Path(r) for r in runs]
+    names = [r.name for r in results] if len(results) == len(runs) else [None] * len(runs)
+    return [read_loss_curve(p, n) for p, n in zip(runs, names) if p.is_dir()]

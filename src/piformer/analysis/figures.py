@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from matplotlib import colormaps, rc_context
@@ -27,8 +27,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from ..entropy import BAND_LABELS
-from .curves import LossCurve, read_loss_curve
 from .result import EntropyResult
+
+if TYPE_CHECKING:  # plotting reads nothing itself: the callers pass the curves
+    from .curves import LossCurve
 
 FORMATS = ("png", "svg")
 DPI = 150
@@ -108,12 +110,6 @@ def _require(results: Sequence[EntropyResult]) -> None:
         raise ValueError("no results to plot")
 
 
-def _as_results(items: Sequence[EntropyResult | str | Path]) -> list[EntropyResult]:
-    if all(isinstance(x, EntropyResult) for x in items):
-        return list(items)
-    from .runs import load_or_analyse
-
-    return load_or_analyse(items)
 
 
 # ---------------------------------------------------------------------------------------
@@ -496,28 +492,28 @@ FIGURES: dict[str, Callable[..., list[Path]]] = {
 
 
 def make_all_figures(
-    results: Sequence[EntropyResult | str | Path],
+    results: Sequence[EntropyResult],
     out_dir: str | Path,
     formats: Sequence[str] = FORMATS,
     only: Sequence[str] | None = None,
-    curves: Sequence[LossCurve] | None = None,
+    curves: Sequence[LossCurve | None] | None = None,
 ) -> FigureSet:
     """Draw every figure the results support into `out_dir`; ``{name: png path}`` (first format's
     path when png is not among `formats`), with ``.skipped`` giving why a figure was left out and
     ``.all_paths`` every file written.
 
-    results: `EntropyResult`s, or run directories: a run's saved ``entropy.json`` is read when it
-    has one, else the run is analysed on its recorded data directory.
-    curves: the runs' loss curves for the "loss" figure; default: read from the run directories'
-    metrics.jsonl when `results` are run directories (labelled as their entropy results are).
+    results: `EntropyResult`s, already measured or loaded (`analysis.load_or_analyse` turns run
+    directories into them; this module neither loads a model nor measures).
+    curves: the runs' loss curves for the "loss" figure (`analysis.curves.read_loss_curves`);
+    default none, and the figure is skipped.
     """
-    items = list(results)
-    results = _as_results(items)
+    results = list(results)
+    bad = [x for x in results if not isinstance(x, EntropyResult)]
+    if bad:
+        raise ValueError(f"make_all_figures takes EntropyResults, not {type(bad[0]).__name__} ({bad[0]!r}); "
+                         "load or analyse run directories first (analysis.load_or_analyse)")
     _require(results)
-    if curves is None:
-        paths = [x for x in items if not isinstance(x, EntropyResult)]
-        names = [r.name for r in results] if len(results) == len(items) == len(paths) else [None] * len(paths)
-        curves = [read_loss_curve(p, n) for p, n in zip(paths, names) if Path(p).is_dir()]
+    curves = list(curves or [])
     names = list(FIGURES) if only is None else list(only)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
