@@ -552,3 +552,15 @@ def test_heatmap_of_seventeen_runs_stays_a_page_wide(tmp_path):
     h, w = mpimg.imread(figs["heatmap"]).shape[:2]
     assert w <= 14 * 150 and h > w  # more rows, not narrower panels
     assert mpimg.imread(figs["bands"]).shape[1] <= 12 * 150
+
+
+def test_analysis_diagnosis_is_entropy_diagnose_against_the_chosen_reference():
+    from piformer.entropy import diagnose
+
+    e = torch.tensor([[3.0, 0.2, 2.5], [0.1, 0.3, 2.9]])
+    r = analyse_entropy(e, 64, reference="causal", overload_frac=0.7, collapse_frac=0.2, layer_share=0.6)
+    d = diagnose(e, 64, 0.7, 0.2, 0.6, reference=uniform_causal_entropy(64))
+    assert r.diagnosis.overload_threshold == d.overload_threshold == 0.7 * uniform_causal_entropy(64)
+    assert (r.diagnosis.overloaded_heads, r.diagnosis.collapsed_heads) == (d.overloaded_heads, d.collapsed_heads)
+    assert r.diagnosis.collapsed_layers == d.collapsed_layers == [1]
+    assert "0.2 x reference" in r.diagnosis.criteria and "uniform causal head" in r.diagnosis.criteria

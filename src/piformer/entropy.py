@@ -137,6 +137,9 @@ def diagnose(
     overload_frac: float = 0.75,
     collapse_frac: float = 0.25,
     layer_share: float = 0.5,
+    *,
+    reference: float | None = None,
+    reference_label: str | None = None,
 ) -> Diagnosis:
     """Name overloaded and collapsed heads and layers.
 
@@ -144,12 +147,19 @@ def diagnose(
     Figure 2a measured against the absolute maximum), collapsed when below ``collapse_frac * log T``.
     A layer is flagged when at least ``layer_share`` of its heads are.
     entropy: (L, H).
+    reference: what the two fractions are of, in nats, when not log T (e.g. the uniform causal
+    head's entropy); reference_label: how the criteria text introduces it.
     """
     e = entropy.detach().float()
     e_max = max_entropy(seq_len)
-    hi, lo = overload_frac * e_max, collapse_frac * e_max
+    ref = e_max if reference is None else float(reference)
+    hi, lo = overload_frac * ref, collapse_frac * ref
     over = (e >= hi)
     coll = (e < lo)
+    # the wording the saved analyses (entropy.json, reports) already carry, for either reference
+    op, unit = ("*E_max", "") if reference is None else (" x reference", " nats")
+    label = reference_label or (f"E_max = log T = {e_max:.3f} nats (T={seq_len})" if reference is None
+                                else f"Reference = {ref:.3f} nats (T={seq_len})")
     d = Diagnosis(
         e_max=e_max,
         overload_threshold=hi,
@@ -159,9 +169,8 @@ def diagnose(
         overloaded_layers=[l for l in range(e.shape[0]) if over[l].float().mean() >= layer_share],
         collapsed_layers=[l for l in range(e.shape[0]) if coll[l].float().mean() >= layer_share],
         criteria=(
-            f"E_max = log T = {e_max:.3f} nats (T={seq_len}). A head is overloaded if E >= "
-            f"{overload_frac:g}*E_max = {hi:.3f}, collapsed if E < {collapse_frac:g}*E_max = {lo:.3f}; "
-            f"a layer is flagged when >= {layer_share:.0%} of its heads are."
+            f"{label}. A head is overloaded if E >= {overload_frac:g}{op} = {hi:.3f}{unit}, collapsed if "
+            f"E < {collapse_frac:g}{op} = {lo:.3f}{unit}; a layer is flagged when >= {layer_share:.0%} of its heads are."
         ),
     )
     return d

@@ -232,20 +232,16 @@ def analyse_entropy(
         max_head = float("nan")
         bands_max = bands_logt = [float("nan")] * 4
 
-    scale = 1.0 if reference == "logT" else ceiling / e_max
-    diag = diagnose(torch.from_numpy(np.where(finite, e, np.nan)), seq_len,
-                    overload_frac=overload_frac * scale, collapse_frac=collapse_frac * scale,
-                    layer_share=layer_share)
     ref_name = "E_max = log T" if reference == "logT" else (
         "C = mean_i log(i+1) (uniform causal head)" if window is None
         else f"C = mean_i log(min(i+1, {window})) (uniform sliding-window head)")
     ref_value = e_max if reference == "logT" else ceiling
-    diag.criteria = (
-        f"Reference {ref_name} = {ref_value:.3f} nats (T={seq_len}; log T = {e_max:.3f}, uniform causal "
-        f"head = {ceiling:.3f}). A head is overloaded if E >= {overload_frac:g} x reference = "
-        f"{diag.overload_threshold:.3f} nats, collapsed if E < {collapse_frac:g} x reference = "
-        f"{diag.collapse_threshold:.3f} nats; a layer is flagged when >= {layer_share:.0%} of its heads are."
-    )
+    # the rule itself (thresholds, layer share, its wording) is entropy.diagnose's alone
+    diag = diagnose(torch.from_numpy(np.where(finite, e, np.nan)), seq_len,
+                    overload_frac=overload_frac, collapse_frac=collapse_frac, layer_share=layer_share,
+                    reference=ref_value,
+                    reference_label=f"Reference {ref_name} = {ref_value:.3f} nats (T={seq_len}; log T = "
+                                    f"{e_max:.3f}, uniform causal head = {ceiling:.3f})")
     if reference == "logT" and ceiling < diag.overload_threshold:
         notes.append(
             f"At T={seq_len} no causal head can reach the overload threshold: uniform attention over the "
