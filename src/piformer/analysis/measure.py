@@ -9,13 +9,12 @@ Validation windows come from a prepared data directory (`val.bin` + `meta.json`)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 
+from ..data import TokenData
 from ..entropy import head_entropy as _head_entropy
 
 
@@ -39,46 +38,20 @@ def val_batches(
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"batches must be >= 1, got {max_batches}")
     data_dir = Path(data_dir).expanduser()
-    for x in _iter_windows(data_dir, seq_len, batch_size, max_batches):
+    data = TokenData(data_dir)  # the one window reader (training's validation uses it too)
+    n = len(data.val)
+    if n < seq_len + 1:
+        raise ValueError(
+            f"{data_dir}: the validation split has {n} tokens, too few for one window of "
+            f"seq_len={seq_len} (+1); pass a shorter --seq-len or a larger data directory"
+        )
+    for x, _ in data.iter_val(batch_size, seq_len, max_batches=max_batches):
         if vocab_size is not None and x.numel() and int(x.max()) >= vocab_size:
             raise ValueError(
                 f"{data_dir}: token id {int(x.max())} is outside the model's vocabulary (vocab_size={vocab_size}): "
                 "this data directory was tokenized for a different model; pass the --data the model was trained on"
             )
         yield x
-
-
-def _iter_windows(data_dir: Path, seq_len: int, batch_size: int, max_batches: int | None) -> Iterator[torch.Tensor]:
-    try:
-        from ..data import TokenData
-    except ImportError:  # the data package is optional for analysis: fall back to the raw memmap
-        TokenData = None  # type: ignore[assignment]
-    if TokenData is not None:
-        data = TokenData(data_dir)
-        n = len(data.val)
-        if n < seq_len + 1:
-            raise ValueError(
-                f"{data_dir}: the validation split has {n} tokens, too few for one window of "
-                f"seq_len={seq_len} (+1); pass a shorter --seq-len or a larger data directory"
-            )
-        for x, _ in data.iter_val(batch_size, seq_len, max_batches=max_batches):
-            yield x
-        return
-    # Fallback: meta.json's dtype + val.bin, windows in file order.
-    meta_path, val_path = data_dir / "meta.json", data_dir / "val.bin"
-    if not meta_path.is_file() or not val_path.is_file():
-        raise FileNotFoundError(f"{data_dir} is not a prepared data directory (needs meta.json and val.bin)")
-    meta = json.loads(meta_path.read_text())
-    val = np.memmap(val_path, dtype=np.dtype(meta.get("dtype", "uint16")).newbyteorder("<"), mode="r")
-    n_win = (len(val) - 1) // seq_len
-    if n_win < 1:
-        raise ValueError(f"{val_path} has {len(val)} tokens, too few for one window of seq_len={seq_len} (+1)")
-    n_batches = -(-n_win // batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    for b in range(n_batches):
-        starts = range(b * batch_size * seq_len, min((b + 1) * batch_size, n_win) * seq_len, seq_len)
-        yield torch.from_numpy(np.stack([val[s:s + seq_len] for s in starts]).astype(np.int64))
 
 
 def entropy_from_attentions(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
