@@ -40,6 +40,7 @@ import numpy as np
 
 from . import paper
 from .report_doc import Heading, Para, Table
+from .report_doc import fmt as _fmt
 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
@@ -321,12 +322,6 @@ class _Study:
 
 def _cmp_dict(name: str, hi: Pool, lo: Pool) -> dict[str, Any]:
     return {"comparison": name, **compare(hi, lo)}
-
-
-def _fmt(x: Any, spec: str = ".3f") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "—"
-    return format(x, spec)
 
 
 def _pm(p: Pool, spec: str = ".3f") -> str:

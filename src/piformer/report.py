@@ -17,6 +17,7 @@ from . import run_dir as rd
 from .fileio import atomic_write_text
 from .entropy import BAND_LABELS
 from .report_doc import Document, Figure, Heading, Para, Table
+from .report_doc import fmt as _fmt
 
 # Operator classes of piformer.pi.jax_forward.OP_CLASSES, in the order the report shows them
 # ("input": sharing the private inputs).
@@ -28,12 +29,6 @@ def _read(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _fmt(x: float | None, spec: str = ".3f", none: str = "—") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return none
-    return format(x, spec)
 
 
 def _pct(x: float | None) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from markdown_it import MarkdownIt
 
@@ -102,6 +104,13 @@ class Document:
                 )
         parts.append("</body></html>")
         return "\n".join(parts)
+
+
+def fmt(x: Any, spec: str = ".3f", none: str = "—") -> str:
+    """A number for a table cell or sentence; `none` for a missing or non-finite one."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return format(x, spec)
 
 
 def _md_cell(text: str) -> str:
