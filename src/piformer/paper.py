@@ -1,11 +1,13 @@
 """The paper's reported numbers (Jha & Reagen 2025), as data, for the report to put ours beside.
 
-Private-inference tables (communication, latency, FLOPs) live with the cost model in
-`piformer.pi.cost.PAPER_TABLES`; this module holds perplexities and entropy-band figures.
+Perplexities, entropy-band figures and the private-inference tables (communication, latency,
+FLOPs: `PAPER_TABLES`, which `piformer.pi.cost` puts its estimates beside).
 All values are GPT-2 small on CodeParrot at T=128 unless the name says otherwise.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 # Figure 2b table and Table 2: eval perplexity. None = diverged (NaN).
 PPL_T128: dict[str, float | None] = {
@@ -67,3 +69,33 @@ def ppl_delta(preset: str) -> float | None:
         return PPL_DELTA_PRINTED[preset]
     base, ppl = PPL_T128["SM+LN+G"], PPL_T128.get(preset)
     return None if ppl is None or base is None else ppl / base - 1.0
+
+
+# The private-inference tables (SPEC section 5): what `pi-cost` and the benchmark put our numbers
+# beside. comm in GB, latency in minutes, FLOPs as printed.
+PAPER_TABLES: dict[str, dict[str, Any]] = {
+    "2": {"size": "gpt2-small", "seq_len": 128, "rows": {
+        "SM+LN+G": {"ffn": "14.5B", "attn": "7.7B", "comm_gb": 25.32, "lat_min": 8.21},
+        "SM+LN+R": {"ffn": "14.5B", "attn": "7.7B", "comm_gb": 9.44, "lat_min": 6.06},
+        "SM+ScFuFFN": {"ffn": "1.8B", "attn": "7.7B", "comm_gb": 6.43, "lat_min": 4.76},
+        "EReg(SM(t)+ScFuFFN)": {"ffn": "1.8B", "attn": "7.7B", "comm_gb": 6.43, "lat_min": 4.76},
+    }},
+    "6": {"size": "gpt2-small", "seq_len": 256, "rows": {
+        "SM+LN+G": {"ffn": "29.0B", "attn": "16.3B", "comm_gb": 58.51, "lat_min": 16.57},
+        "SM+LN+R": {"ffn": "29.0B", "attn": "16.3B", "comm_gb": 26.73, "lat_min": 12.59},
+        "SM+ScFuFFN": {"ffn": "3.6B", "attn": "16.3B", "comm_gb": 20.72, "lat_min": 10.45},
+        "EReg(SM(t)+ScFuFFN)": {"ffn": "3.6B", "attn": "16.3B", "comm_gb": 20.72, "lat_min": 10.45},
+    }},
+    "3": {"size": "gpt2-small", "seq_len": 512, "vocab_size": 16384, "rows": {
+        "SM+LN+G": {"ffn": "58.0B", "attn": "36.2B", "comm_gb": 145.24, "lat_min": 30.74},
+        "SM+LN+R": {"ffn": "58.0B", "attn": "36.2B", "comm_gb": 81.71, "lat_min": 23.54},
+        "SM+ScFuFFN": {"ffn": "7.3B", "attn": "36.2B", "comm_gb": 69.68, "lat_min": 19.44},
+        "EReg(SM(t)+ScFuFFN)": {"ffn": "7.3B", "attn": "36.2B", "comm_gb": 69.68, "lat_min": 19.44},
+    }},
+    "7": {"size": "gpt2-18l", "seq_len": 128, "rows": {
+        "SM+LN+G": {"ffn": "21.7B", "attn": "11.6B", "comm_gb": 37.17, "lat_min": 10.77},
+        "SM+LN+R": {"ffn": "21.7B", "attn": "11.6B", "comm_gb": 13.34, "lat_min": 8.04},
+        "SM+ScFuFFN": {"ffn": "2.7B", "attn": "11.6B", "comm_gb": 8.83, "lat_min": 6.07},
+        "EReg(SM(t)+ScFuFFN)": {"ffn": "2.7B", "attn": "11.6B", "comm_gb": 8.83, "lat_min": 6.07},
+    }},
+}

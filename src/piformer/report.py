@@ -210,9 +210,7 @@ def _nonpositive_note(runs: list[dict]) -> str:
 
 
 def _pi_section(doc: Document, runs: list[dict], notes: list[str] = ()) -> None:
-    from .pi.cost import PAPER_TABLES
-
-    t2 = PAPER_TABLES["2"]["rows"]
+    t2 = paper.PAPER_TABLES["2"]["rows"]
     rows = []
     for r in runs:
         c = r["pi_cost_paper_shape"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from piformer.config import ModelConfig
+from piformer.paper import PAPER_TABLES  # the paper's PI tables (SPEC section 5), beside our estimates
 
 
 @dataclass(frozen=True)
@@ -140,38 +141,6 @@ def load_model_config(path: str | Path) -> ModelConfig:
     from ..run_dir import read_model_config
 
     return read_model_config(path)
-
-
-# ----------------------------------------------------------------------------------------
-# The paper's private-inference tables (SPEC section 5): what `pi-cost` and the benchmark
-# put our numbers beside. comm in GB, latency in minutes, FLOPs as printed.
-
-PAPER_TABLES: dict[str, dict[str, Any]] = {
-    "2": {"size": "gpt2-small", "seq_len": 128, "rows": {
-        "SM+LN+G": {"ffn": "14.5B", "attn": "7.7B", "comm_gb": 25.32, "lat_min": 8.21},
-        "SM+LN+R": {"ffn": "14.5B", "attn": "7.7B", "comm_gb": 9.44, "lat_min": 6.06},
-        "SM+ScFuFFN": {"ffn": "1.8B", "attn": "7.7B", "comm_gb": 6.43, "lat_min": 4.76},
-        "EReg(SM(t)+ScFuFFN)": {"ffn": "1.8B", "attn": "7.7B", "comm_gb": 6.43, "lat_min": 4.76},
-    }},
-    "6": {"size": "gpt2-small", "seq_len": 256, "rows": {
-        "SM+LN+G": {"ffn": "29.0B", "attn": "16.3B", "comm_gb": 58.51, "lat_min": 16.57},
-        "SM+LN+R": {"ffn": "29.0B", "attn": "16.3B", "comm_gb": 26.73, "lat_min": 12.59},
-        "SM+ScFuFFN": {"ffn": "3.6B", "attn": "16.3B", "comm_gb": 20.72, "lat_min": 10.45},
-        "EReg(SM(t)+ScFuFFN)": {"ffn": "3.6B", "attn": "16.3B", "comm_gb": 20.72, "lat_min": 10.45},
-    }},
-    "3": {"size": "gpt2-small", "seq_len": 512, "vocab_size": 16384, "rows": {
-        "SM+LN+G": {"ffn": "58.0B", "attn": "36.2B", "comm_gb": 145.24, "lat_min": 30.74},
-        "SM+LN+R": {"ffn": "58.0B", "attn": "36.2B", "comm_gb": 81.71, "lat_min": 23.54},
-        "SM+ScFuFFN": {"ffn": "7.3B", "attn": "36.2B", "comm_gb": 69.68, "lat_min": 19.44},
-        "EReg(SM(t)+ScFuFFN)": {"ffn": "7.3B", "attn": "36.2B", "comm_gb": 69.68, "lat_min": 19.44},
-    }},
-    "7": {"size": "gpt2-18l", "seq_len": 128, "rows": {
-        "SM+LN+G": {"ffn": "21.7B", "attn": "11.6B", "comm_gb": 37.17, "lat_min": 10.77},
-        "SM+LN+R": {"ffn": "21.7B", "attn": "11.6B", "comm_gb": 13.34, "lat_min": 8.04},
-        "SM+ScFuFFN": {"ffn": "2.7B", "attn": "11.6B", "comm_gb": 8.83, "lat_min": 6.07},
-        "EReg(SM(t)+ScFuFFN)": {"ffn": "2.7B", "attn": "11.6B", "comm_gb": 8.83, "lat_min": 6.07},
-    }},
-}
 
 
 def paper_row(preset: str, cfg: ModelConfig, seq_len: int) -> tuple[str, dict[str, Any]] | None:
