@@ -104,13 +104,15 @@ def _records(run: Path) -> list[dict]:
     return out
 
 
-def _kill_at(point: str, data_dir: Path, out: Path, tmp_path: Path) -> None:
-    script, marker = tmp_path / "child.py", tmp_path / "marker"
-    script.write_text(_CHILD)
-    proc = subprocess.Popen([sys.executable, str(script), str(data_dir), str(out), str(marker), point, repr(RECIPE)],
+def _kill_when_it_stops(script: str, args: list[str], marker: Path, point: str, tmp_path: Path,
+                        timeout: float) -> None:
+    """Run `script` with `args`, wait for it to write `marker` (it then sleeps), SIGKILL it."""
+    path = tmp_path / "child.py"
+    path.write_text(script)
+    proc = subprocess.Popen([sys.executable, str(path), *args], stdout=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + timeout
         while not marker.exists():
             assert proc.poll() is None, f"the child ended (exit {proc.returncode}) before '{point}'"
             assert time.time() < deadline, f"'{point}' never came"
@@ -120,6 +122,12 @@ def _kill_at(point: str, data_dir: Path, out: Path, tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _kill_at(point: str, data_dir: Path, out: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    _kill_when_it_stops(_CHILD, [str(data_dir), str(out), str(marker), point, repr(RECIPE)], marker, point,
+                        tmp_path, timeout=180)
 
 
 def _assert_same_run(resumed: Path, clean: Path) -> None:
@@ -227,23 +235,9 @@ def clean_study(tmp_path_factory):
 def test_a_study_killed_and_rerun_equals_the_uninterrupted_study(tmp_path, clean_study, point):
     from piformer.reproduce import Tier, reproduce, slug
 
-    out = tmp_path / "study"
-    script, marker = tmp_path / "child.py", tmp_path / "marker"
-    script.write_text(_STUDY_CHILD)
-    proc = subprocess.Popen([sys.executable, str(script), str(out), str(marker), point, repr(STUDY)],
-                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-                            stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not marker.exists():
-            assert proc.poll() is None, f"the study ended (exit {proc.returncode}) before '{point}'"
-            assert time.time() < deadline
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, marker = tmp_path / "study", tmp_path / "marker"
+    _kill_when_it_stops(_STUDY_CHILD, [str(out), str(marker), point, repr(STUDY)], marker, point, tmp_path,
+                        timeout=300)
     assert not (out / "report.md").exists()
     reproduce(Tier(**STUDY), out, secure=False)
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
