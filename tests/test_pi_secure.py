@@ -166,3 +166,47 @@ def test_each_in_memory_session_gets_its_own_link():
     """Sessions in one process must not share channels: a message one left unread would reach the next."""
     ids = {mem_link_desc().id for _ in range(3)}
     assert len(ids) == 3 and all(ids)
+
+
+def test_pi_query_with_no_server_fails_at_its_timeout(capsys):
+    """No server at the address: exit 69 with the address in one line, at the timeout, not minutes later."""
+    import time
+
+    from piformer.cli import main
+    from piformer.pi.secure import _free_ports
+
+    server, client = _free_ports(2)
+    t0 = time.monotonic()
+    rc = main(["pi-query", "--server", f"127.0.0.1:{server}", "--listen", f"127.0.0.1:{client}",
+               "--connect-timeout", "1.5", "--tokens", "1,2,3"])
+    waited = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert rc == 69
+    assert f"127.0.0.1:{server}" in err and "did not answer within 1.5 s" in err
+    assert len(err.strip().splitlines()) == 1
+    assert 1.5 <= waited < 10
+
+
+def test_a_token_id_outside_the_vocabulary_ends_both_parties(tmp_path, capsys):
+    """The client refuses the ids after learning the server's vocabulary: it tells the server to
+    close first, so the client exits 2 and the server process ends on its own (neither hangs)."""
+    import subprocess
+    import sys
+
+    from piformer.cli import main
+    from piformer.pi.secure import _free_ports
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", _model("SM"))
+    server, client = _free_ports(2)
+    proc = subprocess.Popen([sys.executable, "-m", "piformer.pi.serve", str(ckpt), "--listen", f"127.0.0.1:{server}",
+                             "--client", f"127.0.0.1:{client}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        rc = main(["pi-query", "--server", f"127.0.0.1:{server}", "--listen", f"127.0.0.1:{client}",
+                   "--tokens", "1,2,999999"])
+        assert rc == 2
+        assert "token ids must be in [0, " in capsys.readouterr().err
+        assert proc.wait(timeout=60) == 0  # the server saw the close and exited by itself
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Language models for private inference: build, train, analyse "
         "attention entropy, and price models under two-party secure inference.",
         epilog="exit status: 0 done, 2 bad input (nothing written), 3 the run diverged (recorded), "
-               "74 I/O error, 75 the run directory is in use by another process, 130 interrupted, 143 terminated",
+               "69 a peer did not answer, 74 I/O error, 75 the run directory is in use by another process, 130 interrupted, 143 terminated",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
                         help="print piformer's version and exit")
@@ -52,6 +52,8 @@ EXIT_BAD_INPUT = 2
 """Bad input (a flag, a config value, a file that is missing or corrupt): one line, nothing written."""
 EXIT_IN_USE = 75
 """A lost race: another process holds the run directory (sysexits' EX_TEMPFAIL: try again later)."""
+EXIT_UNAVAILABLE = 69
+"""A peer that did not answer (pi-query with no server): sysexits' EX_UNAVAILABLE."""
 EXIT_IO = 74
 """An I/O failure (disk full, permission denied): sysexits' EX_IOERR."""
 EXIT_TERMINATED = 143
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
         sys.stderr.close()
         return 0
+    except ConnectionError as err:  # a peer that is not there; below BrokenPipeError, its subclass
+        return fail(EXIT_UNAVAILABLE, f"unreachable: {err}")
     except OSError as err:
         return fail(EXIT_IO, f"I/O error: {err}")
     except RunTerminated:

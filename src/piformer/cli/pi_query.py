@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._types import positive_float
+
 NAME = "pi-query"
 HELP = "query a `piformer pi-serve` server with private token ids; print the breakdown (and top next tokens)"
 
@@ -15,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:9530", help="this client's host:port (default 127.0.0.1:9530)")
     p.add_argument("--run-dir", default=None,
                    help="optional: a run directory for the tokenizer/validation tokens (its weights are not read)")
+    p.add_argument("--connect-timeout", type=positive_float, default=30.0,
+                   help="seconds to wait for the server to answer before giving up (default 30)")
     add_token_arguments(p)
     add_spu_arguments(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         return ids
 
     report = query(tokens_for, args.server, args.listen, settings, vocab_chunk=args.vocab_chunk, layers=args.layers,
-                   last_only=args.last_only)
+                   last_only=args.last_only, connect_timeout_s=args.connect_timeout)
     top = np.argsort(-report.logits[-1])[:5].tolist()
     print_report(report, args.json, extra={**source, "next_token_top5": top})
     return 0

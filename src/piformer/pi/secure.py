@@ -30,7 +30,7 @@ from piformer.config import ModelConfig
 from piformer.pi import jax_forward as jf
 from piformer.pi.spu_backend import (
     RunCounters, SPULog, SPUSettings, brpc_link, compile_step, local_share, mem_link_desc, rename,
-    require_spu, share_from_bytes, share_to_bytes,
+    require_spu, share_from_bytes, share_to_bytes, wait_for_listener,
 )
 
 CLIENT, SERVER = 0, 1
@@ -401,25 +401,32 @@ def _warm_exe(settings: SPUSettings):
 
 
 def query(ids, server: str, listen: str, settings: SPUSettings | None = None, vocab_chunk: int = 4096,
-          layers: int | None = None, reference: np.ndarray | None = None, last_only: bool = False) -> SecureReport:
+          layers: int | None = None, reference: np.ndarray | None = None, last_only: bool = False,
+          connect_timeout_s: float = 30.0) -> SecureReport:
     """The client: connect to a server, tell it only how many tokens, get the logits of its tokens.
 
     `ids` is an array of token ids, or a function of the server's (public) ModelConfig that
     returns one. `reference` (plaintext logits, if the caller has them) adds the agreement check.
+    No server answering at `server` within `connect_timeout_s` is a ConnectionError. Any error
+    before the query starts (ids that do not fit the model, a bad `ids` function) first tells the
+    server to close, so neither side is left waiting.
     """
     require_spu()
     settings = settings or SPUSettings()
-    lctx = brpc_link(CLIENT, [listen, server])
+    wait_for_listener(server, connect_timeout_s)
+    lctx = brpc_link(CLIENT, [listen, server], connect_timeout_s=connect_timeout_s)
     try:
         cfg = ModelConfig.from_dict(_recv_json(lctx, SERVER)["config"])
-        ids = np.asarray(ids(cfg) if callable(ids) else ids).reshape(-1)
-        T = len(ids)
-        if not 1 <= T <= cfg.block_size:
+        try:
+            ids = np.asarray(ids(cfg) if callable(ids) else ids).reshape(-1)
+            T = len(ids)
+            if not 1 <= T <= cfg.block_size:
+                raise ValueError(f"{T} tokens: the server's model takes 1..{cfg.block_size}")
+            if int(ids.max()) >= cfg.vocab_size or int(ids.min()) < 0:
+                raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); got {ids.min()}..{ids.max()}")
+        except BaseException:
             _send_json(lctx, SERVER, {"op": "close"})
-            raise ValueError(f"{T} tokens: the server's model takes 1..{cfg.block_size}")
-        if int(ids.max()) >= cfg.vocab_size or int(ids.min()) < 0:
-            _send_json(lctx, SERVER, {"op": "close"})
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+            raise
         return _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only)
     finally:
         lctx.stop_link()

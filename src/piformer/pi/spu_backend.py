@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -197,6 +198,30 @@ def mem_link_desc(recv_timeout_s: float = 3600.0):
     desc.add_party("server", "thread_1")
     desc.recv_timeout_ms = int(recv_timeout_s * 1000)  # the 30 s default kills large HE matmuls
     return desc
+
+
+def wait_for_listener(address: str, timeout_s: float, what: str = "the server") -> None:
+    """Return once `address` (host:port) accepts a TCP connection; ConnectionError after timeout_s.
+
+    brpc's own connect retries wait far longer than their count suggests (each retry has its
+    own connect timeout), so a client with no server would sit silently for minutes; a plain
+    socket probe fails at the stated time with the address in the message.
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{what}'s address must be host:port, got {address!r}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(2.0, max(0.1, timeout_s))):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"{what} at {address} did not answer within {timeout_s:g} s ({err}); "
+                                      "is `piformer pi-serve` running there?") from None
+            time.sleep(0.25)
 
 
 def brpc_link(rank: int, addresses: list[str], recv_timeout_s: float = 3600.0, connect_timeout_s: float = 120.0):
