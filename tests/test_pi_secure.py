@@ -67,9 +67,10 @@ def test_every_operator_class_communicates(baseline_report):
     assert r.total_bytes == sum(s["bytes"] for s in r.steps)
     assert r.setup["bytes"] > 0  # one-time setup is counted apart
     assert r.reveal_bytes > 0
-    # the two blocks cost the same: the warm-up really did absorb the one-time setup
-    per_step = {s["name"]: s["bytes"] for s in r.steps}
-    assert abs(per_step["h0.softmax"] - per_step["h1.softmax"]) < 0.01 * per_step["h0.softmax"]
+    # the two blocks cost about the same: the setup pass absorbed the one-time setup (tens of
+    # MB here); what remains is an OT-buffer refill (~1 MB) inside whichever step empties it
+    block = [sum(s["bytes"] for s in r.steps if s["name"].startswith(f"h{i}.")) for i in (0, 1)]
+    assert abs(block[0] - block[1]) < 0.1 * min(block) < r.setup["bytes"]
     wan = r.latency("WAN")
     assert wan["total_s"] == pytest.approx(wan["compute_s"] + wan["transfer_s"] + wan["waiting_s"])
     assert json.dumps(r.to_dict())  # serialisable for --json
@@ -210,3 +211,25 @@ def test_a_token_id_outside_the_vocabulary_ends_both_parties(tmp_path, capsys):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("preset_name", ["default", "optimised"])
+def test_setup_plus_per_inference_equals_the_whole_program_run_as_one(preset_name):
+    """The per-step accounting against a harness that shares none of it: the whole forward pass
+    compiled as one executable on a fresh link. Its bytes are the one-time setup plus one
+    inference; pi-run's setup and per-inference figures must add up to them (within 2%), and
+    steps of the same shape cost the same (the setup pass absorbed every one-time cost)."""
+    from piformer.pi.harness import run_as_one_program
+
+    m = _model("SM+ScFuFFN")
+    sd, settings = state_dict_to_numpy(m), SPUSettings.preset(preset_name)
+    one = run_as_one_program(sd, m.config, _IDS[:T], settings, vocab_chunk=40)
+    r = run_secure(sd, m.config, _IDS[:T], settings, vocab_chunk=40)
+    assert r.setup["bytes"] > 0 and r.setup["pass_bytes"] > r.setup["bytes"]
+    assert r.total_bytes + r.setup["bytes"] == pytest.approx(one["bytes"], rel=0.02)
+    assert np.abs(one["logits"] - r.logits).max() < 0.05
+    per_step = {s["name"]: s for s in r.steps}
+    assert [n for n in per_step if n.startswith("head.")] == ["head.0", "head.1", "head.2"]  # 97 = 40 + 40 + 17
+    first, second = per_step["head.0"], per_step["head.1"]
+    assert abs(first["bytes"] - second["bytes"]) < 0.01 * second["bytes"]
+    assert first["messages"] <= second["messages"] + 2

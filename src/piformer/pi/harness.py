@@ -1,0 +1,80 @@
+"""A cross-check of the per-step accounting: the whole forward pass as ONE SPU executable.
+
+`pi-run` runs the program step by step, pays SPU's one-time setup in a setup pass and reports
+it apart. This runs the same program composed into a single JAX function, compiled once, on a
+fresh pair of runtimes with no warm-up, and reads the one run's counters from SPU's log: its
+bytes are the one-time setup plus one inference, with nothing subtracted or attributed. The
+two tools agree when `report.total_bytes + report.setup["bytes"]` equals `bytes` here.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from piformer.config import ModelConfig
+from piformer.pi import jax_forward as jf
+from piformer.pi.secure import CLIENT, SERVER, _input_dtype
+from piformer.pi.spu_backend import SPULog, SPUSettings, compile_step, local_share, mem_link_desc, require_spu
+
+
+def whole_program(program: jf.Program):
+    """The program's steps composed into one function of (client inputs..., server inputs...)."""
+    names = [*program.client_inputs, *program.server_inputs]
+
+    def forward(*args):
+        env = dict(zip(names, args))
+        for s in program.steps:
+            env.update(zip(s.outputs, s.fn(*(env[n] for n in s.inputs))))
+        return tuple(env[n] for n in program.logit_outputs)
+
+    return forward, names
+
+
+def run_as_one_program(sd: dict[str, np.ndarray], cfg: ModelConfig, ids: np.ndarray,
+                       settings: SPUSettings | None = None, vocab_chunk: int = 4096) -> dict[str, Any]:
+    """Bytes, messages and seconds of the whole secure forward pass run as one executable, both
+    parties as threads over a fresh in-memory link, plus the logits it reconstructs."""
+    spu = require_spu()
+    settings = settings or SPUSettings()
+    ids = np.asarray(ids).reshape(-1)
+    program = jf.build_program(cfg, len(ids), vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip)
+    params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
+    inputs = {**jf.one_hot_chunks(ids, program.vocab_chunks), **{n: params[n] for n in program.server_inputs}}
+    fn, names = whole_program(program)
+    shapes = {**program.client_inputs, **program.server_inputs}
+    exe = compile_step(fn, [np.zeros(shapes[n], _input_dtype(n)) for n in names], names, program.logit_outputs,
+                       "whole-program", settings.compiler_options())
+    owners = {**{n: CLIENT for n in program.client_inputs}, **{n: SERVER for n in program.server_inputs}}
+    desc = mem_link_desc()
+    outputs: list[Any] = [None, None]
+    errors: list[BaseException] = []
+    offset = SPULog.offset()
+
+    def party(rank: int) -> None:
+        try:
+            cfg_rt = settings.runtime_config(profile=rank == CLIENT)
+            io = spu.Io(2, cfg_rt)
+            rt = spu.Runtime(spu.libspu.link.create_mem(desc, rank), cfg_rt)
+            for n in names:
+                mine = inputs[n] if owners[n] == rank else None
+                rt.set_var(n, local_share(io, mine, rank, owners[n], shapes[n], _input_dtype(n)))
+            rt.run(exe)
+            outputs[rank] = {n: rt.get_var(n) for n in program.logit_outputs}
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=party, args=(r,)) for r in (CLIENT, SERVER)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"single-program secure run failed: {errors[0]}") from errors[0]
+    (run,) = [r for r in SPULog.read_from(offset) if r.name == "whole-program"]
+    io = spu.Io(2, settings.runtime_config(profile=False))
+    logits = np.concatenate([np.asarray(io.reconstruct([outputs[CLIENT][n], outputs[SERVER][n]]), np.float32)
+                             for n in program.logit_outputs], axis=-1)
+    return {"bytes": run.bytes, "messages": run.messages, "seconds": run.exec_s, "logits": logits}
