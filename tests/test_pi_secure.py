@@ -233,3 +233,19 @@ def test_setup_plus_per_inference_equals_the_whole_program_run_as_one(preset_nam
     first, second = per_step["head.0"], per_step["head.1"]
     assert abs(first["bytes"] - second["bytes"]) < 0.01 * second["bytes"]
     assert first["messages"] <= second["messages"] + 2
+
+
+def test_a_result_beyond_the_tolerance_is_reported_wrong(tmp_path, capsys):
+    """pi-run never reports disagreeing secure logits quietly: the text says WRONG RESULT, the JSON
+    says within_tolerance false, and the exit status is 4 (here with a tolerance no fixed-point
+    result can meet)."""
+    from piformer.cli import main
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", _model("SM+ScFuFFN"))
+    assert main(["pi-run", str(ckpt), "--seq-len", "4", "--vocab-chunk", "50", "--tolerance", "1e-9"]) == 4
+    out, err = capsys.readouterr()
+    assert "WRONG RESULT" in out and "tolerance of 1e-09" in out
+    assert "WRONG RESULT" in err and "\033[" not in out  # no colour codes when not on a terminal
+    assert main(["pi-run", str(ckpt), "--seq-len", "4", "--vocab-chunk", "50", "--json"]) == 0
+    acc = json.loads(capsys.readouterr().out)["accuracy"]
+    assert acc["within_tolerance"] is True and acc["tolerance"] == 0.5

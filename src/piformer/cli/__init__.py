@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Language models for private inference: build, train, analyse "
         "attention entropy, and price models under two-party secure inference.",
         epilog="exit status: 0 done, 2 bad input (nothing written), 3 the run diverged (recorded), "
+               "4 a secure result disagreed with plaintext (pi-run, reported), "
                "69 a peer did not answer, 74 I/O error, 75 the run directory is in use by another process, 130 interrupted, 143 terminated",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",

@@ -44,5 +44,4 @@ def run(args: argparse.Namespace) -> int:
     report = query(tokens_for, args.server, args.listen, settings, vocab_chunk=args.vocab_chunk, layers=args.layers,
                    last_only=args.last_only, connect_timeout_s=args.connect_timeout)
     top = np.argsort(-report.logits[-1])[:5].tolist()
-    print_report(report, args.json, extra={**source, "next_token_top5": top})
-    return 0
+    return print_report(report, args.json, extra={**source, "next_token_top5": top})

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from ._types import positive_int
+from ._types import positive_float, positive_int
 
 NAME = "pi-run"
 HELP = ("run a checkpoint under two-party secure inference (SPU): communication, messages and time "
@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure-rounds", type=float, default=None, metavar="MS",
                    help="also run twice over TCP (two processes), without and with MS ms of one-way delay, "
                         "and project latency from the measured waits instead of the message count")
+    p.add_argument("--tolerance", type=positive_float, default=None,
+                   help="largest |secure - plaintext| logit accepted as fixed-point imprecision; beyond it the "
+                        "report says WRONG RESULT (in red on a terminal) and the exit status is 4 (default 0.5)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--ops", action="store_true", help="with --json: include SPU's per-op counters of every step")
 
@@ -83,8 +86,16 @@ def _require_spu() -> None:
         raise ValueError(str(err)) from None
 
 
-def print_report(report, as_json: bool, ops: bool = False, extra: dict | None = None) -> None:
-    from piformer.pi.secure import format_report
+EXIT_WRONG_RESULT = 4
+"""The secure logits disagreed with plaintext beyond the tolerance (the report says so)."""
+
+
+def print_report(report, as_json: bool, ops: bool = False, extra: dict | None = None) -> int:
+    """Print the report; the exit status: 0, or EXIT_WRONG_RESULT when the checked logits disagree."""
+    import os
+    import sys
+
+    from piformer.pi.secure import disagrees, format_report
 
     if as_json:
         d = report.to_dict()
@@ -96,13 +107,18 @@ def print_report(report, as_json: bool, ops: bool = False, extra: dict | None = 
     else:
         for k, v in (extra or {}).items():
             print(f"{k}: {v}")
-        print(format_report(report))
+        print(format_report(report, color=sys.stdout.isatty() and "NO_COLOR" not in os.environ))
+    if disagrees(report):
+        print(f"piformer: WRONG RESULT: secure logits differ from plaintext by {report.accuracy['max_abs_logit_error']:.4g} "
+              f"> tolerance {report.accuracy['tolerance']:g}", file=sys.stderr)
+        return EXIT_WRONG_RESULT
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     _require_spu()
     from piformer.pi import jax_forward as jf
-    from piformer.pi.secure import load_weights, measure_rounds, run_secure, run_two_process
+    from piformer.pi.secure import judge, load_weights, measure_rounds, run_secure, run_two_process
     from piformer.pi.tokens import resolve_tokens
 
     settings = settings_from_args(args)
@@ -122,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
         report = run_secure(sd, cfg, ids, settings, vocab_chunk=args.vocab_chunk, layers=args.layers,
                             last_only=args.last_only)
         report.one_way_waits = rounds["one_way_waits"] if rounds else None
-        print_report(report, args.json, args.ops, extra)
-        return 0
+        if args.tolerance is not None:
+            judge(report, args.tolerance)
+        return print_report(report, args.json, args.ops, extra)
 
     # Two OS processes: a pi-serve child (weights) and this process as the client (tokens).
     # This process also runs the plaintext program, only to report the agreement.
@@ -138,5 +155,6 @@ def run(args: argparse.Namespace) -> int:
                              ports=(args.port, args.port + 1) if args.port else None, last_only=args.last_only)
     extra["end_to_end_s"] = round(time.perf_counter() - t0, 2)
     report.one_way_waits = rounds["one_way_waits"] if rounds else None
-    print_report(report, args.json, args.ops, extra)
-    return 0
+    if args.tolerance is not None:
+        judge(report, args.tolerance)
+    return print_report(report, args.json, args.ops, extra)

@@ -311,16 +311,38 @@ def setup_cost(compiled: _Compiled, by_name: dict[str, RunCounters]) -> dict[str
             "steps": len(compiled.setup.steps)}
 
 
-def _accuracy(secure: np.ndarray, plain: np.ndarray, settings: SPUSettings) -> dict[str, Any]:
+LOGIT_TOLERANCE = 0.5
+"""Largest |secure - plaintext| logit that counts as fixed-point imprecision rather than a wrong
+result. FM64 with 18 fraction bits measured 0.09 at most on GPT-2-small-sized parts; the
+wrong results seen so far were off by 1e6 and more."""
+
+
+def _accuracy(secure: np.ndarray, plain: np.ndarray, settings: SPUSettings,
+              tolerance: float = LOGIT_TOLERANCE) -> dict[str, Any]:
     err = np.abs(secure - plain)
+    worst = float(err.max()) if np.isfinite(err).all() else float("inf")
     return {
-        "max_abs_logit_error": float(err.max()),
+        "max_abs_logit_error": worst,
         "mean_abs_logit_error": float(err.mean()),
         "max_abs_logit": float(np.abs(plain).max()),
         "argmax_agreement": float((secure.argmax(-1) == plain.argmax(-1)).mean()),
         "next_token_match": bool(secure[-1].argmax() == plain[-1].argmax()),
         "fixed_point": f"{settings.field}, {settings.fxp_fraction_bits} fraction bits",
+        "tolerance": tolerance,
+        "within_tolerance": worst <= tolerance,
     }
+
+
+def judge(report: "SecureReport", tolerance: float) -> None:
+    """Re-judge a checked report against another logit tolerance."""
+    if report.accuracy:
+        report.accuracy["tolerance"] = tolerance
+        report.accuracy["within_tolerance"] = report.accuracy["max_abs_logit_error"] <= tolerance
+
+
+def disagrees(report: "SecureReport") -> bool:
+    """True when the secure logits were checked and are further from plaintext than tolerated."""
+    return bool(report.accuracy) and not report.accuracy.get("within_tolerance", True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -635,7 +657,12 @@ def measure_rounds(run_dir: str, ids, settings: SPUSettings | None = None, delay
 # Formatting
 
 
-def format_report(report: SecureReport) -> str:
+def _red(text: str, color: bool) -> str:
+    return f"\033[1;31m{text}\033[0m" if color else text
+
+
+def format_report(report: SecureReport, color: bool = False) -> str:
+    """The report as text; `color` marks a wrong result in red (ANSI), e.g. on a terminal."""
     s = report.settings
     lines = [
         f"secure inference ({report.mode}): protocol {s['protocol']}, {s['field']} with "
@@ -662,9 +689,10 @@ def format_report(report: SecureReport) -> str:
         lines += ["", f"agreement with plaintext ({a['fixed_point']}): max |logit error| {a['max_abs_logit_error']:.4g} "
                   f"(max |logit| {a['max_abs_logit']:.3g}), argmax agreement {a['argmax_agreement']:.1%}, "
                   f"next token {'matches' if a['next_token_match'] else 'DIFFERS'}"]
-        if a["max_abs_logit_error"] > 1.0 + a["max_abs_logit"]:
-            lines.append("WARNING: the secure result is wrong, not just imprecise (see docs/private_inference.md, "
-                         "'Accuracy'); communication counts are unaffected")
+        if disagrees(report):
+            lines.append(_red(f"WRONG RESULT: the secure logits differ from plaintext by up to {a['max_abs_logit_error']:.4g}, "
+                              f"beyond the tolerance of {a['tolerance']:g} (see docs/private_inference.md, 'Accuracy'); "
+                              "communication counts are unaffected", color))
     if report.one_way_waits is not None:
         lines += ["", f"latency = compute + bytes x 8 / bandwidth + one-way waits x RTT / 2, "
                   f"with {report.one_way_waits:.0f} waits measured over a delayed TCP link"]
