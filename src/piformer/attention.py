@@ -73,15 +73,17 @@ class _FlashAttentionWithEntropy(torch.autograd.Function):
         out, lse = _FLASH_CPU(qp, kv, kv, 0.0, True, scale=scale)  # out = P [K | V]
         pk, y = out[..., :D], out[..., D:]
         ent = lse - scale * (q * pk).sum(-1)
-        ctx.save_for_backward(qp, kv, out, lse)  # O(B H T D): no (T, T) tensor
+        # O(B H T D), no (T, T) tensor; q rather than [q | 0]: backward re-pads it, which is
+        # cheaper than keeping a zero half alive in every layer until then.
+        ctx.save_for_backward(q, kv, out, lse)
         ctx.scale = scale
         return y, ent
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor | None, dent: torch.Tensor | None):
-        qp, kv, out, lse = ctx.saved_tensors
-        D = qp.shape[-1] // 2
-        q = qp[..., :D]
+        q, kv, out, lse = ctx.saved_tensors
+        D = q.shape[-1]
+        qp = F.pad(q, (0, D))
         dy = torch.zeros_like(q) if dy is None else dy
         dpk = torch.zeros_like(q) if dent is None else (-ctx.scale * dent).unsqueeze(-1) * q
         dqp, dk, dv = _FLASH_CPU_BACKWARD(torch.cat([dpk, dy], -1), qp, kv, kv, out, lse, 0.0, True, scale=ctx.scale)
