@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -130,7 +131,15 @@ def survivors(module: str) -> None:
 
 
 def run(module: str, jobs: int, names: list[str], rev: str | None = None, overlay: list[str] = (),
-        recheck: bool = False) -> int:
+        recheck: bool = False, sample: int | None = None, seed: int = 0) -> int:
+    if sample:
+        # mutmut generates every mutant and traces the tests before it runs any; a name that
+        # matches nothing stops it there, and its record then lists every mutant's name.
+        _mutmut(module, jobs, ["__no_mutant_has_this_name__"], _prepare(module, rev, list(overlay)))
+        everything = sorted(_statuses(module))
+        names = sorted(random.Random(seed).sample(everything, min(sample, len(everything))))
+        print(f"== {module}: a random sample of {len(names)} of {len(everything)} mutants (seed {seed})", flush=True)
+        return _mutmut(module, jobs, names, WORK / module)
     if recheck:
         # Same mutants, new tests: refresh tests/ (mutmut copies it into mutants/ and traces the
         # tests it has not seen), then rerun every mutant that was not killed.
@@ -141,6 +150,10 @@ def run(module: str, jobs: int, names: list[str], rev: str | None = None, overla
         _copy(work, ["tests"], rev, list(overlay))
     else:
         work = _prepare(module, rev, list(overlay))
+    return _mutmut(module, jobs, names, work)
+
+
+def _mutmut(module: str, jobs: int, names: list[str], work: Path) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     env["PYTHONPATH"] = str(ROOT / "tools")
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *names]
@@ -161,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--survivors", action="store_true", help="show every surviving mutant's diff and stop")
     p.add_argument("--only", action="append", default=[], metavar="GLOB",
                    help="mutant names to run (fnmatch globs, e.g. 'piformer.train.x_lr_at*'); one module only")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="run a seeded random sample of N of the module's mutants (for modules whose every "
+                        "mutant would take hours); the score is then an estimate")
+    p.add_argument("--seed", type=int, default=0, help="with --sample: the sample's seed (default 0)")
     p.add_argument("--recheck", action="store_true",
                    help="rerun only the mutants the last run did not kill, against the current tests")
     p.add_argument("--rev", help="mutate commit REV's src/ and tests/ instead of the working tree's "
@@ -182,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.report:
         for m in modules:
-            run(m, args.jobs, args.only, args.rev, args.overlay, args.recheck)
+            run(m, args.jobs, args.only, args.rev, args.overlay, args.recheck, args.sample, args.seed)
     print(report(modules))
     return 0
 
