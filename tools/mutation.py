@@ -39,9 +39,9 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "config": ("src/piformer/config.py", [
         "tests/test_config.py", "tests/test_model.py", "tests/test_pi_cost.py", "tests/test_checkpoint.py", *_FAST]),
     "model": ("src/piformer/model.py", [
-        "tests/test_model.py", "tests/test_entropy.py", "tests/test_checkpoint.py", *_FAST]),
+        "tests/test_model.py", "tests/test_model_mutants.py", "tests/test_entropy.py", "tests/test_checkpoint.py", *_FAST]),
     "cost": ("src/piformer/pi/cost.py", ["tests/test_pi_cost.py", *_FAST]),
-    "checkpoint": ("src/piformer/checkpoint.py", ["tests/test_checkpoint.py", "tests/test_train.py", *_FAST]),
+    "checkpoint": ("src/piformer/checkpoint.py", ["tests/test_checkpoint.py", "tests/test_checkpoint_mutants.py", "tests/test_train.py", *_FAST]),
     "train": ("src/piformer/train.py", ["tests/test_train.py", *_FAST]),
 }
 KILLED = {"killed", "caught by type check"}
@@ -55,11 +55,17 @@ def _toml_list(items: list[str]) -> str:
 def _prepare(module: str, rev: str | None, overlay: list[str]) -> Path:
     """A fresh scratch copy of src/, tests/ and pyproject.toml for one module: from the working
     tree, or from commit `rev` with the working tree's `overlay` files on top."""
-    src, tests = MODULES[module]
     work = WORK / module
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     _copy(work, ["src", "tests"], rev, overlay)
+    _write_selection(module, work)
+    return work
+
+
+def _write_selection(module: str, work: Path) -> None:
+    """The scratch copy's pyproject.toml: [tool.mutmut] narrowed to the module and its tests."""
+    src, tests = MODULES[module]
     text = (ROOT / "pyproject.toml").read_text()
     section = text.index("[tool.mutmut]")
     head, tool = text[:section], text[section:]
@@ -69,7 +75,6 @@ def _prepare(module: str, rev: str | None, overlay: list[str]) -> Path:
     # fastest tests first (tools/mutmut_fast_first.py, importable through PYTHONPATH, see run())
     tool = tool.replace('pytest_add_cli_args = [', 'pytest_add_cli_args = ["-p", "mutmut_fast_first", ', 1)
     (work / "pyproject.toml").write_text(head + tool)
-    return work
 
 
 def _copy(work: Path, parts: list[str], rev: str | None, overlay: list[str]) -> None:
@@ -148,6 +153,7 @@ def run(module: str, jobs: int, names: list[str], rev: str | None = None, overla
         if not names:
             return 0
         _copy(work, ["tests"], rev, list(overlay))
+        _write_selection(module, work)  # test files added to MODULES since the run count too
     else:
         work = _prepare(module, rev, list(overlay))
     return _mutmut(module, jobs, names, work)

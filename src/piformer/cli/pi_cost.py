@@ -18,6 +18,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=positive_int, help="sequence length T (default: the model's block_size)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a ModelConfig field, e.g. --set vocab_size=16384 (repeatable)")
+    p.add_argument("--secure", action="store_true",
+                   help="also predict secure-inference communication, messages and LAN/WAN latency from costs "
+                        "fitted to SPU measurements (no SPU run; see docs/private_inference.md)")
+    p.add_argument("--settings", default="default", choices=("default", "optimised"),
+                   help="with --secure: the SPU settings to predict for (default: default)")
+    p.add_argument("--vocab-chunk", type=positive_int, default=4096,
+                   help="with --secure: vocabulary rows per embedding/head product, as pi-run (default 4096)")
+    p.add_argument("--last-only", action="store_true",
+                   help="with --secure: project and reveal only the last position's logits")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -39,14 +48,27 @@ def run(args: argparse.Namespace) -> int:
         cfg = ModelConfig.from_preset(preset, size=args.size, **{**seq, **overrides})
     cost = pi_cost(cfg, args.seq_len, preset=preset)
     row = paper_row(preset, cfg, cost.seq_len) if preset else None
+    secure = None
+    if args.secure:
+        from piformer.pi.estimate import estimate
+        from piformer.pi.spu_backend import SPUSettings
+
+        secure = estimate(cfg, cost.seq_len, SPUSettings.preset(args.settings), vocab_chunk=args.vocab_chunk,
+                          last_only=args.last_only)
 
     if args.json:
         out = cost.to_dict()
         if row:
             out["paper"] = {"table": row[0], **row[1]}
+        if secure:
+            out["secure_estimate"] = secure.to_dict()
         print(json.dumps(out, indent=2))
         return 0
     print(format_cost(cost))
+    if secure:
+        from piformer.pi.estimate import format_estimate
+
+        print("\n" + format_estimate(secure))
     if row:
         table, r = row
         print(f"\npaper Table {table}: {cost.nonlinear_str()} | FFN {r['ffn']} | Attn {r['attn']} | "

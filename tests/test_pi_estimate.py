@@ -1,0 +1,111 @@
+"""`piformer pi-cost --secure`: secure-inference cost predicted from fitted SPU costs, no SPU run.
+
+Everything here but the last test runs without SPU (the estimator needs only the shipped
+constants); the last one checks a prediction against a real SPU run of a model not in the fit.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from piformer.config import ModelConfig
+from piformer.pi.estimate import FEATURES, cost_key, estimate, load_costs, step_features, step_kind
+from piformer.pi.spu_backend import SPUSettings
+
+PRESETS = ("SM+LN+G", "SM+LN+R", "SM+ScFuFFN", "SM(t)+ScFuFFN", "SM+ScFFN", "SM+G", "SM")
+
+
+def test_the_shipped_constants_cover_both_settings_and_every_kind():
+    fits = load_costs()["fits"]
+    for name in ("default", "optimised"):
+        fit = fits[cost_key(SPUSettings.preset(name))]
+        assert set(fit["kinds"]) == set(FEATURES)
+        for kind, quantities in fit["kinds"].items():
+            for q in ("bytes", "messages", "seconds"):
+                assert set(quantities[q]) == set(FEATURES[kind])
+                assert all(c >= 0 for c in quantities[q].values()), (kind, q)
+        assert fit["setup"]["bytes"] > 0 and fit["reveal_bytes_per_logit"] > 0
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_is_priced_at_gpt2_small(preset):
+    cfg = ModelConfig.from_preset(preset, size="gpt2-small")
+    est = estimate(cfg, 128, SPUSettings.preset("optimised"))
+    assert est.total("bytes") > 0 and est.total("messages") > 0
+    assert "softmax" in est.per_kind and est.per_kind["softmax"]["bytes"] > 0
+    if "LN" in preset:
+        assert est.per_kind["layernorm"]["bytes"] > 0
+    lat = est.to_dict()["latency"]["WAN"]
+    assert lat["total_s"] == pytest.approx(lat["compute_s"] + lat["transfer_s"] + lat["waiting_s"])
+
+
+def test_costs_follow_the_architecture():
+    """Removing nonlinearities lowers the predicted cost, and blocks add up: twice the layers is
+    twice the per-block cost."""
+    s = SPUSettings.preset("optimised")
+    total = {p: estimate(ModelConfig.from_preset(p, size="gpt2-small"), 128, s).total("bytes")
+             for p in ("SM+LN+G", "SM+LN+R", "SM+ScFuFFN")}
+    assert total["SM+LN+G"] > total["SM+LN+R"] > total["SM+ScFuFFN"]
+
+    def per_block(L):
+        est = estimate(ModelConfig.from_preset("SM+LN+G", size="gpt2-small", n_layer=L), 128, s)
+        return {k: v["bytes"] for k, v in est.per_kind.items()}
+
+    one, two = per_block(6), per_block(12)
+    for kind in ("softmax", "gelu", "qkv", "attn_out", "linear", "scores"):
+        assert two[kind] == pytest.approx(2 * one[kind], rel=1e-9)
+    for kind in ("embedding", "head"):  # once per model
+        assert two[kind] == pytest.approx(one[kind], rel=1e-9)
+
+
+def test_features_are_the_steps_shapes():
+    from piformer.pi import jax_forward as jf
+
+    cfg = ModelConfig.from_preset("SM+LN+G", size="tiny", n_embd=64, n_head=4, vocab_size=300, block_size=16)
+    program = jf.build_program(cfg, 16, vocab_chunk=128)
+    feats = {s.name: step_features(s, program, cfg) for s in program.steps if step_kind(s.key)}
+    assert feats["embed.0"] == {"T*C": 16 * 128, "C*d": 128 * 64, "T*d": 16 * 64, "one": 1}
+    assert feats["embed.2"]["T*C"] == 16 * 44  # the last chunk: 300 - 2 * 128
+    assert feats["h0.softmax"] == {"H*T*T": 4 * 16 * 16, "H*T": 4 * 16, "one": 1}
+    assert feats["h0.fc"] == {"T*k": 16 * 64, "T*n": 16 * 256, "k*n": 64 * 256, "one": 1}
+    assert feats["h0.ffn_out"] == {"T*k": 16 * 256, "T*n": 16 * 64, "k*n": 256 * 64, "one": 1}
+    assert feats["h0.act"] == {"T*n": 16 * 256, "one": 1}
+    assert feats["head.1"] == {"rows*d": 16 * 64, "rows*C": 16 * 128, "d*C": 64 * 128, "one": 1}
+    assert feats["ln_f"]["rows"] == 16
+
+
+def test_settings_that_were_never_fitted_are_refused():
+    with pytest.raises(ValueError, match="no fitted SPU costs for .*FM128.*fitted: "):
+        estimate(ModelConfig.from_preset("SM", size="tiny"), 8, SPUSettings(field="FM128"))
+
+
+def test_the_cli_prints_the_estimate_as_text_and_json(capsys):
+    from piformer.cli import main
+
+    assert main(["pi-cost", "--preset", "SM+ScFuFFN", "--secure", "--settings", "optimised"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted secure inference" in out and "WAN" in out
+    assert main(["pi-cost", "--preset", "SM+ScFuFFN", "--secure", "--json", "--seq-len", "64"]) == 0
+    d = json.loads(capsys.readouterr().out)["secure_estimate"]
+    assert d["seq_len"] == 64 and d["total_bytes"] > 0 and set(d["latency"]) == {"LAN", "WAN"}
+
+
+@pytest.mark.spu
+def test_a_model_outside_the_fit_is_predicted_within_5_percent():
+    """A preset, width, depth and length the fit never saw, measured under SPU."""
+    pytest.importorskip("spu")
+    import torch
+
+    from piformer.model import PiGPT
+    from piformer.pi.jax_forward import state_dict_to_numpy
+    from piformer.pi.secure import run_secure
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("SM+ScFFN", size="tiny", n_layer=2, n_embd=48, n_head=3, block_size=20,
+                                  vocab_size=150)
+    ids = np.random.default_rng(1).integers(0, 150, 20)
+    settings = SPUSettings.preset("optimised")
+    measured = run_secure(state_dict_to_numpy(PiGPT(cfg).eval()), cfg, ids, settings, vocab_chunk=64)
+    predicted = estimate(cfg, 20, settings, vocab_chunk=64)
+    assert predicted.total("bytes") == pytest.approx(measured.total_bytes, rel=0.05)
