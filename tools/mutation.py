@@ -99,7 +99,23 @@ def _statuses(module: str) -> dict[str, str]:
     if not meta.is_file():
         return {}
     codes = json.loads(meta.read_text())["exit_code_by_key"]
-    return {name: status_by_exit_code[code] for name, code in codes.items()}
+    statuses = {name: status_by_exit_code[code] for name, code in codes.items()}
+    # mutmut's record keeps only the mutants a --recheck reran; those an earlier run killed are
+    # remembered apart (_remember_killed) and count as killed, as they were.
+    for name in _killed_before(module):
+        if statuses.get(name) == "not checked":
+            statuses[name] = "killed"
+    return statuses
+
+
+def _killed_before(module: str) -> set[str]:
+    f = WORK / module / "killed_before_recheck.json"
+    return set(json.loads(f.read_text())) if f.is_file() else set()
+
+
+def _remember_killed(module: str) -> None:
+    killed = _killed_before(module) | {n for n, st in _statuses(module).items() if st in KILLED}
+    (WORK / module / "killed_before_recheck.json").write_text(json.dumps(sorted(killed), indent=0))
 
 
 def _row(module: str) -> tuple[str, dict[str, int], float | None]:
@@ -152,6 +168,7 @@ def run(module: str, jobs: int, names: list[str], rev: str | None = None, overla
         names = [n for n, st in _statuses(module).items() if st not in KILLED]
         if not names:
             return 0
+        _remember_killed(module)
         _copy(work, ["tests"], rev, list(overlay))
         _write_selection(module, work)  # test files added to MODULES since the run count too
     else:
