@@ -116,3 +116,25 @@ def test_missing_and_unexpected_tensors_are_listed_up_to_five(tmp_path):
     msg = _mismatch_message(ckpt)
     listed = re.search(r"missing \[(.*)\], unexpected \[(.*)\]", msg)
     assert listed and listed.group(1).count("'") == 10 and listed.group(2).count("'") == 10  # 5 names each
+
+
+def test_a_failed_save_leaves_nothing_behind_and_raises_its_own_error(tmp_path, monkeypatch):
+    ck.save_checkpoint(tmp_path / "ckpts" / "last", _model(0))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ck.save_checkpoint(tmp_path / "ckpts" / "last", _model(1))
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["last"]  # no temporary, no .old
+    assert _same_weights(ck.load_model(tmp_path / "ckpts" / "last"), _model(0))  # the old one, intact
+
+
+def test_overwriting_leaves_only_the_new_checkpoint(tmp_path):
+    target = tmp_path / "ckpts" / "last"
+    ck.save_checkpoint(target, _model(0))
+    (tmp_path / "ckpts" / "last.old").mkdir()  # a stale one from an earlier kill
+    ck.save_checkpoint(target, _model(1))
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["last"]
+    assert _same_weights(ck.load_model(target), _model(1))
