@@ -11,7 +11,7 @@ matters if the failure comes back.
     nohup python benchmarks/bench_pi_wrong_values.py --repeat 3 > out/pi_wrong_values.log 2>&1 &
     python benchmarks/bench_pi_wrong_values.py --report-only
 
-Results are appended to out/pi_wrong_values.json as each run ends; a rerun skips what is there.
+Results are appended to results/pi/wrong_values.json as each run ends; a rerun skips what is there.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one SPU setting")
     p.add_argument("--repeat", type=int, default=3, help="sessions per preset (default 3)")
     p.add_argument("--seq-len", type=int, default=128, help="T (default 128)")
-    p.add_argument("--out", default="out/pi_wrong_values.json", help="results file (appended, resumable)")
+    p.add_argument("--out", default="results/pi/wrong_values.json", help="results file (appended, resumable)")
     p.add_argument("--report-only", action="store_true", help="print the table of saved results")
+    p.add_argument("--again", action="store_true", help="run seeds that already have a result once more")
     args = p.parse_args()
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: _value(v) for k, v in overrides.items()}
@@ -69,7 +70,7 @@ def main() -> int:
         for preset in args.presets.split(","):
             for seed in range(args.repeat):
                 key = {"preset": preset, "settings": label, "seed": seed, "seq_len": args.seq_len}
-                if any(all(r.get(k) == v for k, v in key.items()) for r in runs):
+                if any(all(r.get(k) == v for k, v in key.items()) for r in runs) and not args.again:
                     continue
                 res = {**key, **run_one(preset, args.settings, overrides, seed, args.seq_len), "pid": os.getpid()}
                 runs.append(res)

@@ -197,6 +197,13 @@ def main() -> int:
         else json.loads(VALIDATION.with_name("estimator_holdout_measurements.json").read_text())
     rows = validate(held, costs)
     _save(VALIDATION, rows)
+    # what the estimator prints beside every prediction: how far off it was on held-out models
+    for fit_ in costs["fits"].values():
+        errs = [v["predicted_bytes"] / v["measured_bytes"] - 1 for v in rows if v["settings"] == fit_["settings"]]
+        if errs:
+            fit_["validation"] = {"held_out_runs": len(errs), "max_abs_bytes_error": max(abs(e) for e in errs),
+                                  "mean_bytes_error": float(np.mean(errs))}
+    COSTS.write_text(json.dumps(costs, indent=1) + "\n")
     print(table(rows))
     return 0
 

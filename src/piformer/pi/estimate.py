@@ -109,6 +109,7 @@ class SecureEstimate:
     per_kind: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> bytes, messages, seconds
     setup: dict[str, float] = field(default_factory=dict)
     reveal_bytes: float = 0.0
+    validation: dict[str, float] = field(default_factory=dict)  # the fit's error on held-out models
 
     def total(self, quantity: str) -> float:
         return sum(c[quantity] for c in self.per_kind.values())
@@ -125,7 +126,7 @@ class SecureEstimate:
         return {"settings_key": self.settings_key, "seq_len": self.seq_len, "n_layer": self.n_layer,
                 "total_bytes": self.total("bytes"), "total_messages": self.total("messages"),
                 "compute_s": self.total("seconds"), "reveal_bytes": self.reveal_bytes, "setup": self.setup,
-                "per_kind": self.per_kind,
+                "per_kind": self.per_kind, "validation": self.validation,
                 "latency": {name: self.latency(*net) for name, net in NETWORKS.items()},
                 "rounds": "not fitted: the waiting term uses messages, an upper bound"}
 
@@ -145,7 +146,8 @@ def estimate(cfg: ModelConfig, seq_len: int | None = None, settings=None, vocab_
     fit = table[key]
     program = jf.build_program(cfg, seq_len, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip,
                                last_only=last_only)
-    est = SecureEstimate(key, program.seq_len, cfg.n_layer, setup=dict(fit["setup"]))
+    est = SecureEstimate(key, program.seq_len, cfg.n_layer, setup=dict(fit["setup"]),
+                         validation=dict(fit.get("validation", {})))
     for step in program.steps:
         kind = step_kind(step.key)
         if kind is None:
@@ -165,8 +167,12 @@ def estimate(cfg: ModelConfig, seq_len: int | None = None, settings=None, vocab_
 def format_estimate(est: SecureEstimate) -> str:
     from piformer.pi.secure import NETWORKS
 
+    v = est.validation
+    accuracy = (f"on {v['held_out_runs']} held-out models its total bytes were off by up to "
+                f"{v['max_abs_bytes_error']:.0%}" if v else "not validated")
     lines = [f"predicted secure inference ({est.settings_key}), T={est.seq_len}, {est.n_layer} blocks; "
              "fitted to SPU's counters, no SPU run",
+             f"accuracy: {accuracy} (docs/private_inference.md, 'Predicting the cost')",
              "", f"{'kind':<12} {'MB (both ways)':>15} {'messages':>10} {'compute s':>10}"]
     for kind, c in sorted(est.per_kind.items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"{kind:<12} {c['bytes'] / 1e6:>15.1f} {c['messages']:>10.0f} {c['seconds']:>10.1f}")
