@@ -40,7 +40,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "tests/test_config.py", "tests/test_model.py", "tests/test_pi_cost.py", "tests/test_checkpoint.py", *_FAST]),
     "model": ("src/piformer/model.py", [
         "tests/test_model.py", "tests/test_model_mutants.py", "tests/test_entropy.py", "tests/test_checkpoint.py", *_FAST]),
-    "cost": ("src/piformer/pi/cost.py", ["tests/test_pi_cost.py", *_FAST]),
+    "cost": ("src/piformer/pi/cost.py", ["tests/test_pi_cost.py", "tests/test_cost_mutants.py", *_FAST]),
     "checkpoint": ("src/piformer/checkpoint.py", ["tests/test_checkpoint.py", "tests/test_checkpoint_mutants.py", "tests/test_train.py", *_FAST]),
     "train": ("src/piformer/train.py", ["tests/test_train.py", *_FAST]),
 }

@@ -94,7 +94,7 @@ def paper_billions(flops: int) -> str:
 
 def pi_cost(cfg: ModelConfig, seq_len: int | None = None, preset: str | None = None) -> PICost:
     """The analytic cost of `cfg` on sequences of `seq_len` tokens (default: its block size)."""
-    T = int(seq_len or cfg.block_size)
+    T = int(cfg.block_size if seq_len is None else seq_len)  # 0 is an error, not 'the default'
     if T <= 0:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
     if T > cfg.block_size:
