@@ -42,7 +42,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "tests/test_model.py", "tests/test_model_mutants.py", "tests/test_entropy.py", "tests/test_checkpoint.py", *_FAST]),
     "cost": ("src/piformer/pi/cost.py", ["tests/test_pi_cost.py", "tests/test_cost_mutants.py", *_FAST]),
     "checkpoint": ("src/piformer/checkpoint.py", ["tests/test_checkpoint.py", "tests/test_checkpoint_mutants.py", "tests/test_train.py", *_FAST]),
-    "train": ("src/piformer/train.py", ["tests/test_train.py", *_FAST]),
+    "train": ("src/piformer/train.py", ["tests/test_train.py", "tests/test_train_mutants.py", *_FAST]),
 }
 KILLED = {"killed", "caught by type check"}
 COUNTED = ("killed", "survived", "no tests", "timeout", "suspicious", "segfault")
