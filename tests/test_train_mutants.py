@@ -24,7 +24,7 @@ def data(tmp_path_factory) -> Path:
 
 def _recipe(**kw):
     base = dict(max_steps=4, eval_interval=2, checkpoint_interval=100, log_interval=1, warmup=1, batch_size=4,
-                micro_batch_size=4, lr=1e-2, eval_batches=2)
+                micro_batch_size=4, lr=1e-2, eval_batches=2, beta2=0.95, eps=1e-7)  # not torch's defaults
     return train_recipe("tiny", **{**base, **kw})
 
 
@@ -53,6 +53,36 @@ def test_callbacks_hear_the_start_and_status_follows_each_evaluation(tmp_path, d
     assert state["data_position"]["rule"] == "batch(seed, step, rank*accum+micro)"
     run_cfg = json.loads((out / "config.json").read_text())
     assert run_cfg["world_size"] == 1 and run_cfg["grad_accum"] == 1
+    recipe = _recipe()
+    groups = state["optimizer"]["param_groups"]
+    assert {tuple(g["betas"]) for g in groups} == {(recipe.beta1, recipe.beta2)}
+    assert {g["eps"] for g in groups} == {recipe.eps}
+    # a tiny step takes milliseconds: throughput is tokens over the step's own seconds
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "tokens_per_s" in r]
+    assert steps and all(r["tokens_per_s"] > state["tokens_seen"] / state["step"] for r in steps)
+
+
+def test_training_without_clipping_is_not_a_divergence(tmp_path, data):
+    """grad_clip=0 means no clipping (and no gradient norm): the run trains to the end."""
+    result = train(ModelConfig.from_preset("SM", "tiny"), _recipe(grad_clip=0.0), data, tmp_path / "run",
+                   progress=False)
+    assert result["status"] == "finished"
+
+
+def test_only_torchrun_variables_make_a_distributed_run(monkeypatch):
+    import piformer.train as tr
+
+    started = []
+    monkeypatch.setattr(tr.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tr.dist, "init_process_group", lambda backend: started.append(backend))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # without RANK: not torchrun, a plain process
+    assert tr._setup_dist("cpu").world == 1 and not started
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    d = tr._setup_dist("cpu")
+    assert (d.rank, d.world, started) == (1, 2, ["gloo"])
 
 
 def test_a_run_that_fails_records_the_error_by_type_and_message(tmp_path, data):
