@@ -5,6 +5,7 @@ progress bar, and the regulariser's gradient ratio when the language-modelling g
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,3 +137,31 @@ def test_the_gradient_ratio_is_nan_when_the_language_model_gradient_is_zero():
         model.lm_head.weight.normal_(0, 0.02)
     r = reg_grad_ratio(model, x, x, RegLoss(lam=1.0))
     assert r["reg_grad_ratio"] == pytest.approx(r["reg_grad_norm"] / r["ce_grad_norm"])
+
+
+def test_the_result_and_the_log_lines_of_a_run(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    cfg = ModelConfig.from_preset("SM", "tiny")
+    result = train(cfg, _recipe(log_interval=3), data, out, progress=True, preset="SM")
+    assert result["run_dir"] == str(out) and result["world_size"] == 1
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # every step has a line; the full ones (entropies, weight stats) every log_interval and at the end
+    assert [r["step"] for r in lines if "head_entropy" in r] == [3, 4]
+    tokens = 4 * 4 * cfg.block_size  # steps x batch x T
+    assert result["tokens_per_s"] >= tokens / result["seconds"]  # tokens over the loop's own time
+    assert result["tokens_per_s"] <= max(r["tokens_per_s"] for r in lines if "tokens_per_s" in r)
+    err = capsys.readouterr().err
+    assert "train SM" in err and re.search(r"tok_s=\d+", err)  # the progress bar, with its throughput
+
+    again = train(cfg, _recipe(log_interval=3), data, out, resume=True, progress=False)
+    assert again["status"] == "finished" and again["tokens_per_s"] is None  # nothing left to train
+
+
+def test_a_run_that_diverges_before_any_checkpoint_says_it_has_none(tmp_path, data):
+    out = tmp_path / "run"
+    result = train(ModelConfig.from_preset("SM", "tiny"), _recipe(lr=1e6, grad_clip=0.0, max_steps=20), data, out,
+                   progress=False)
+    assert result["status"] == "diverged"
+    status = json.loads((out / "status.json").read_text())
+    assert "last_checkpoint_step" in status and status["last_checkpoint_step"] is None
+    assert not (out / "checkpoints" / "last").exists()
