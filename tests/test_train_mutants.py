@@ -99,6 +99,7 @@ def test_a_run_that_fails_records_the_error_by_type_and_message(tmp_path, data):
     assert status["status"] == "failed" and status["error"] == "RuntimeError: the disk went away"
 
 
+@pytest.mark.timeout(90)  # a divergence that goes unnoticed loops on the same step forever
 def test_a_diverged_run_names_its_last_good_checkpoint(tmp_path, data):
     out = tmp_path / "run"
     result = train(ModelConfig.from_preset("SM", "tiny"), _recipe(lr=1e6, grad_clip=0.0, checkpoint_interval=1,
@@ -157,6 +158,7 @@ def test_the_result_and_the_log_lines_of_a_run(tmp_path, data, capsys):
     assert again["status"] == "finished" and again["tokens_per_s"] is None  # nothing left to train
 
 
+@pytest.mark.timeout(90)  # a divergence that goes unnoticed loops on the same step forever
 def test_a_run_that_diverges_before_any_checkpoint_says_it_has_none(tmp_path, data):
     out = tmp_path / "run"
     result = train(ModelConfig.from_preset("SM", "tiny"), _recipe(lr=1e6, grad_clip=0.0, max_steps=20), data, out,
