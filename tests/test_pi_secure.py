@@ -249,3 +249,56 @@ def test_a_result_beyond_the_tolerance_is_reported_wrong(tmp_path, capsys):
     assert main(["pi-run", str(ckpt), "--seq-len", "4", "--vocab-chunk", "50", "--json"]) == 0
     acc = json.loads(capsys.readouterr().out)["accuracy"]
     assert acc["within_tolerance"] is True and acc["tolerance"] == 0.5
+
+
+def test_nothing_leaks_around_spu(tmp_path, capsys, monkeypatch):
+    """pi-serve / pi-query as two processes: the server's output and SPU log never show the
+    client's token ids, and the client's output and SPU log never show the server's weights."""
+    import subprocess
+    import sys
+
+    from piformer.cli import main
+    from piformer.pi.secure import _free_ports
+
+    model = _model("SM+ScFuFFN")
+    with torch.no_grad():  # distinctive weights, easy to search for in text
+        w = model.transformer.h[0].attn.q_proj.weight
+        w[0, :4] = torch.tensor([0.7319461, -0.4283927, 0.5147253, -0.6692814])
+    ckpt = save_checkpoint(tmp_path / "ckpt", model)
+    secrets_w = ["0.731946", "0.428392", "0.514725", "0.669281"]
+    ids = [71, 13, 42, 88, 57, 19]
+    server, client = _free_ports(2)
+    server_log = tmp_path / "server-spu.log"
+    proc = subprocess.Popen([sys.executable, "-m", "piformer.pi.serve", str(ckpt), "--listen", f"127.0.0.1:{server}",
+                             "--client", f"127.0.0.1:{client}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**__import__("os").environ, "PIFORMER_SPU_LOG": str(server_log)})
+    try:
+        assert main(["pi-query", "--server", f"127.0.0.1:{server}", "--listen", f"127.0.0.1:{client}",
+                     "--tokens", ",".join(map(str, ids)), "--vocab-chunk", "50", "--json"]) == 0
+        server_out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    client_out = "".join(capsys.readouterr())
+    from piformer.pi.spu_backend import SPULog
+
+    client_spu = SPULog.path().read_text(errors="replace")
+    server_text = server_out + server_log.read_text(errors="replace")
+    for form in (",".join(map(str, ids)), " ".join(map(str, ids)), ", ".join(map(str, ids))):
+        assert form not in server_text
+    for value in secrets_w:
+        assert value not in client_out and value not in client_spu
+    assert "query of 6 tokens" in server_out  # the server learns the length, which is public
+
+
+def test_a_secure_run_reports_progress_part_by_part():
+    m = _model("SM+ScFuFFN")
+    seen = []
+    run_secure(state_dict_to_numpy(m), m.config, _IDS[:4], SPUSettings(), vocab_chunk=40,
+               progress=lambda phase, done, total, part, elapsed: seen.append((phase, part, done, total)))
+    setup = [(part, done, total) for phase, part, done, total in seen if phase == "setup pass"]
+    measured = [(part, done, total) for phase, part, done, total in seen if phase == "secure forward"]
+    assert [p for p, _, _ in measured] == ["embedding", "block 0", "block 1", "final LayerNorm", "head"]
+    assert [p for p, _, _ in setup] == ["embedding", "block 0", "final LayerNorm", "head"]
+    assert measured[-1][1] == measured[-1][2]  # the last part ends the pass
+    assert all(a[1] < b[1] for a, b in zip(measured, measured[1:]))

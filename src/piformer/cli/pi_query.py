@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the server to answer before giving up (default 30)")
     add_token_arguments(p)
     add_spu_arguments(p)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (by default one per embedding, block and head, with an ETA)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     _require_spu()
     import numpy as np
 
-    from piformer.pi.secure import query
+    from piformer.pi.secure import print_progress, query
     from piformer.pi.tokens import resolve_tokens
 
     settings = settings_from_args(args)
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return ids
 
     report = query(tokens_for, args.server, args.listen, settings, vocab_chunk=args.vocab_chunk, layers=args.layers,
-                   last_only=args.last_only, connect_timeout_s=args.connect_timeout)
+                   last_only=args.last_only, connect_timeout_s=args.connect_timeout,
+                   progress=None if args.quiet else print_progress)
     top = np.argsort(-report.logits[-1])[:5].tolist()
     return print_report(report, args.json, extra={**source, "next_token_top5": top})

@@ -73,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=positive_float, default=None,
                    help="largest |secure - plaintext| logit accepted as fixed-point imprecision; beyond it the "
                         "report says WRONG RESULT (in red on a terminal) and the exit status is 4 (default 0.5)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (by default one per embedding, block and head, with an ETA)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--ops", action="store_true", help="with --json: include SPU's per-op counters of every step")
 
@@ -118,7 +120,7 @@ def print_report(report, as_json: bool, ops: bool = False, extra: dict | None = 
 def run(args: argparse.Namespace) -> int:
     _require_spu()
     from piformer.pi import jax_forward as jf
-    from piformer.pi.secure import judge, load_weights, measure_rounds, run_secure, run_two_process
+    from piformer.pi.secure import judge, load_weights, measure_rounds, print_progress, run_secure, run_two_process
     from piformer.pi.tokens import resolve_tokens
 
     settings = settings_from_args(args)
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         extra["rounds"] = {k: v for k, v in rounds.items() if k != "per_step_one_way_waits"}
     if not args.two_process:
         report = run_secure(sd, cfg, ids, settings, vocab_chunk=args.vocab_chunk, layers=args.layers,
-                            last_only=args.last_only)
+                            last_only=args.last_only, progress=None if args.quiet else print_progress)
         report.one_way_waits = rounds["one_way_waits"] if rounds else None
         if args.tolerance is not None:
             judge(report, args.tolerance)
@@ -152,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     report = run_two_process(args.run_dir, ids, settings, which=args.checkpoint, vocab_chunk=args.vocab_chunk,
                              layers=args.layers, reference=reference, delay_s=args.delay_ms / 1e3 if args.delay_ms else None,
                              bandwidth_bps=args.bandwidth_mbit * 1e6 if args.bandwidth_mbit else None,
-                             ports=(args.port, args.port + 1) if args.port else None, last_only=args.last_only)
+                             ports=(args.port, args.port + 1) if args.port else None, last_only=args.last_only,
+                             progress=None if args.quiet else print_progress)
     extra["end_to_end_s"] = round(time.perf_counter() - t0, 2)
     report.one_way_waits = rounds["one_way_waits"] if rounds else None
     if args.tolerance is not None:

@@ -207,7 +207,7 @@ class _PartyResult:
 
 
 def _run_party(rank: int, lctx, settings: SPUSettings, compiled: _Compiled, inputs: dict[str, np.ndarray],
-               profile: bool) -> _PartyResult:
+               profile: bool, progress: Progress | None = None) -> _PartyResult:
     """Run the setup pass on zeros, then the whole program, as party `rank`. `inputs` holds only
     this party's own data."""
     spu = require_spu()
@@ -217,11 +217,13 @@ def _run_party(rank: int, lctx, settings: SPUSettings, compiled: _Compiled, inpu
     rt = spu.Runtime(lctx, cfg)
 
     t0 = time.perf_counter()
-    _execute(rt, io, rank, compiled.setup, compiled.setup_exes, _dummy_inputs(compiled.setup), SETUP_PREFIX, keep=())
+    _execute(rt, io, rank, compiled.setup, compiled.setup_exes, _dummy_inputs(compiled.setup), SETUP_PREFIX, keep=(),
+             progress=(lambda *a: progress("setup pass", *a)) if progress else None)
     res.warm_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    _execute(rt, io, rank, compiled.program, compiled.exes, inputs, "", keep=compiled.program.logit_outputs)
+    _execute(rt, io, rank, compiled.program, compiled.exes, inputs, "", keep=compiled.program.logit_outputs,
+             progress=(lambda *a: progress("secure forward", *a)) if progress else None)
     res.wall_s = time.perf_counter() - t0
     res.outputs = {n: rt.get_var(n) for n in compiled.program.logit_outputs}
     return res
@@ -243,8 +245,29 @@ def _input_dtype(name: str):
     return np.int32 if name.startswith("onehot.") else np.float32
 
 
+Progress = Callable[..., None]
+"""progress(phase, steps_done, steps_total, part, elapsed_s): called as each part (embedding, a
+block, the head) of a pass finishes, on one party."""
+
+
+def print_progress(phase: str, done: int, total: int, part: str, elapsed: float) -> None:
+    """A `Progress` that prints one line per part to stderr, with an ETA from the steps left."""
+    import sys
+
+    eta = elapsed / done * (total - done) if done else float("nan")
+    print(f"{phase}: {part} done (step {done}/{total}), {elapsed:.0f} s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
+
+
+def _part(step_name: str) -> str:
+    """The part of the model a step belongs to: 'embedding', 'block 3', 'final LayerNorm', 'head'."""
+    head = step_name.split(".")[0]
+    if head.startswith("h") and head[1:].isdigit():
+        return f"block {head[1:]}"
+    return {"embed": "embedding", "ln_f": "final LayerNorm"}.get(head, head)
+
+
 def _execute(rt, io, rank: int, program: jf.Program, exes: dict[str, Any], inputs: dict[str, np.ndarray],
-             prefix: str, keep) -> None:
+             prefix: str, keep, progress: Callable[[int, int, str, float], None] | None = None) -> None:
     """Run `program`'s steps in order; values are named with `prefix`. Private inputs enter right
     before their first use and every value is deleted after its last one (except `keep`), to
     bound memory."""
@@ -253,6 +276,7 @@ def _execute(rt, io, rank: int, program: jf.Program, exes: dict[str, Any], input
     last = program.last_use()
     keep = set(keep)
     entered: set[str] = set()
+    t0 = time.perf_counter()
     for i, s in enumerate(program.steps):
         for n in s.inputs:
             if n in owners and n not in entered:
@@ -262,6 +286,9 @@ def _execute(rt, io, rank: int, program: jf.Program, exes: dict[str, Any], input
         for n in s.inputs:
             if last.get(n) == i and n not in keep:
                 rt.del_var(prefix + n)
+        ends_part = i + 1 == len(program.steps) or _part(program.steps[i + 1].name) != _part(s.name)
+        if progress is not None and ends_part:
+            progress(i + 1, len(program.steps), _part(s.name), time.perf_counter() - t0)
     for n in (o for s in program.steps for o in s.outputs):
         if n not in keep and last.get(n) is None:  # outputs nothing reads (the setup pass's logits)
             rt.del_var(prefix + n)
@@ -359,6 +386,7 @@ def run_secure(
     check: bool = True,
     embed_head: bool = True,
     last_only: bool = False,
+    progress: Progress | None = None,
 ) -> SecureReport:
     """Secure forward of token ids `ids` (T,) with both parties as threads of this process.
 
@@ -397,7 +425,8 @@ def run_secure(
             lctx = libspu.link.create_mem(desc, rank)
             own = client_in if rank == CLIENT else server_in
             # only the client profiles: one party's log sees both directions of the link
-            results[rank] = _run_party(rank, lctx, settings, compiled, own, rank == CLIENT)
+            results[rank] = _run_party(rank, lctx, settings, compiled, own, rank == CLIENT,
+                                       progress if rank == CLIENT else None)
         except BaseException as err:  # surfaced below
             results[rank] = _PartyResult(error=err)
 
@@ -491,7 +520,7 @@ def _serve_one(lctx, cfg: ModelConfig, sd: dict[str, np.ndarray], log: Callable[
 
 def query(ids, server: str, listen: str, settings: SPUSettings | None = None, vocab_chunk: int = 4096,
           layers: int | None = None, reference: np.ndarray | None = None, last_only: bool = False,
-          connect_timeout_s: float = 30.0) -> SecureReport:
+          connect_timeout_s: float = 30.0, progress: Progress | None = None) -> SecureReport:
     """The client: connect to a server, tell it only how many tokens, get the logits of its tokens.
 
     `ids` is an array of token ids, or a function of the server's (public) ModelConfig that
@@ -516,12 +545,12 @@ def query(ids, server: str, listen: str, settings: SPUSettings | None = None, vo
         except BaseException:
             _send_json(lctx, SERVER, {"op": "close"})
             raise
-        return _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only)
+        return _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only, progress)
     finally:
         lctx.stop_link()
 
 
-def _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only) -> SecureReport:
+def _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only, progress=None) -> SecureReport:
     T = len(ids)
     _send_json(lctx, SERVER, {"seq_len": T, "settings": settings.to_dict(), "vocab_chunk": vocab_chunk,
                               "layers": layers, "last_only": last_only})
@@ -531,7 +560,7 @@ def _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only) 
     compiled = compile_with_setup(cfg, program, settings)
     compile_s = time.perf_counter() - t0
     offset = SPULog.offset()
-    res = _run_party(CLIENT, lctx, settings, compiled, jf.one_hot_chunks(ids, program.vocab_chunks), True)
+    res = _run_party(CLIENT, lctx, settings, compiled, jf.one_hot_chunks(ids, program.vocab_chunks), True, progress)
     theirs, reveal = {}, 0
     for n in program.logit_outputs:
         data = bytes(lctx.recv(SERVER))
@@ -573,6 +602,7 @@ def run_two_process(
     ports: tuple[int, int] | None = None,
     log_dir: str | None = None,
     last_only: bool = False,
+    progress: Progress | None = None,
 ) -> SecureReport:
     """Start the server (`python -m piformer.pi.serve`, what `piformer pi-serve` runs) as a child
     process and query it from this process over TCP.
@@ -606,7 +636,7 @@ def run_two_process(
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:
             report = query(ids, server_seen_by_client, client_addr, settings, vocab_chunk=vocab_chunk,
-                           layers=layers, reference=reference, last_only=last_only)
+                           layers=layers, reference=reference, last_only=last_only, progress=progress)
             rc = server.wait(timeout=300)
         except BaseException as err:
             server.kill()
