@@ -68,9 +68,9 @@ class SecureReport:
     layers_run: int
     steps: list[dict[str, Any]] = field(default_factory=list)  # per step: name, class, bytes, messages, seconds
     per_class: dict[str, ClassCost] = field(default_factory=dict)
-    setup: dict[str, Any] = field(default_factory=dict)  # warm-up run (one-time costs)
+    setup: dict[str, Any] = field(default_factory=dict)  # the setup pass beyond steady state (one-time costs)
     reveal_bytes: int = 0  # server -> client shares of the logits
-    wall_s: float = 0.0  # forward pass, both parties, after warm-up
+    wall_s: float = 0.0  # forward pass, both parties, after the setup pass
     compile_s: float = 0.0
     accuracy: dict[str, Any] = field(default_factory=dict)
     network: dict[str, Any] = field(default_factory=dict)  # emulated link, two-process mode
