@@ -10,7 +10,7 @@ HELP = "run the paper's study at one scale (data, training, entropy, PI cost, se
 
 def add_arguments(p) -> None:
     p.add_argument("--tier", default="quick", choices=list(TIERS),
-                   help="quick: a smoke run of tiny models, about 7 min on 2 CPU cores (7.4 min measured, see README); cpu: the committed study "
+                   help="quick: a smoke run of tiny models, about 5-7 min on 2 CPU cores (4.9 min measured, see README); cpu: the committed study "
                    "(17 runs of 6-layer models, under 2 hours on 2 cores); gpt2: the paper's scale, for a GPU")
     p.add_argument("--out", required=True, help="run root: data, runs, figures and the report go here")
     p.add_argument("--data", default=None, help="a prepared data directory to use instead of the tier's corpus")
