@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from piformer.fileio import atomic_write_text
+
 WRONG = 1.0  # |error| beyond this is a wrong result, not fixed-point imprecision (those are ~0.01 here)
 
 
@@ -74,9 +76,7 @@ def main() -> int:
                     continue
                 res = {**key, **run_one(preset, args.settings, overrides, seed, args.seq_len), "pid": os.getpid()}
                 runs.append(res)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(runs, indent=1))
-                os.replace(tmp, out)
+                atomic_write_text(out, json.dumps(runs, indent=1))
                 print(f"{preset} {label} seed {seed}: max |error| {res['max_abs_error']:.3g} "
                       f"({'WRONG' if res['max_abs_error'] > WRONG else 'ok'}), {res['bytes'] / 1e6:.1f} MB, "
                       f"{res['elapsed_s']:.0f} s", flush=True)

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from piformer.fileio import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = ROOT / "results/pi/spu_cost_measurements.json"
 VALIDATION = ROOT / "results/pi/estimator_validation.json"
+HELD_OUT_MEASURED = ROOT / "results/pi/estimator_holdout_measurements.json"
 COSTS = ROOT / "src/piformer/pi/spu_costs.json"
 SETTINGS = ("default", "optimised")
 
@@ -96,13 +98,6 @@ def _measure(case, settings_name: str):
             "max_abs_logit_error": r.accuracy["max_abs_logit_error"], "elapsed_s": time.perf_counter() - t0}
 
 
-def _save(path: Path, runs: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(runs, indent=1))
-    os.replace(tmp, path)
-
-
 def measure_all(cases, path: Path) -> list:
     runs = json.loads(path.read_text()) if path.exists() else []
     for settings_name in SETTINGS:
@@ -110,7 +105,7 @@ def measure_all(cases, path: Path) -> list:
             if any(r["case"] == list(case) and r["settings"] == settings_name for r in runs):
                 continue
             runs.append(_measure(case, settings_name))
-            _save(path, runs)
+            atomic_write_text(path, json.dumps(runs, indent=1))
             r = runs[-1]
             print(f"{settings_name:9s} {case}: {r['total_bytes'] / 1e6:.2f} MB, {r['total_messages']} messages, "
                   f"{r['elapsed_s']:.0f} s", flush=True)
@@ -191,19 +186,19 @@ def main() -> int:
         return 0
     runs = json.loads(MEASURED.read_text()) if args.fit_only else measure_all(FIT, MEASURED)
     costs = fit(runs)
-    COSTS.write_text(json.dumps(costs, indent=1) + "\n")
+    # written now, so an interrupted validation (minutes of SPU runs) keeps the fit; again below with its accuracy
+    atomic_write_text(COSTS, json.dumps(costs, indent=1) + "\n")
     print(f"wrote {COSTS.relative_to(ROOT)}", flush=True)
-    held = measure_all(HELD_OUT, VALIDATION.with_name("estimator_holdout_measurements.json")) if not args.fit_only \
-        else json.loads(VALIDATION.with_name("estimator_holdout_measurements.json").read_text())
+    held = json.loads(HELD_OUT_MEASURED.read_text()) if args.fit_only else measure_all(HELD_OUT, HELD_OUT_MEASURED)
     rows = validate(held, costs)
-    _save(VALIDATION, rows)
+    atomic_write_text(VALIDATION, json.dumps(rows, indent=1))
     # what the estimator prints beside every prediction: how far off it was on held-out models
     for fit_ in costs["fits"].values():
         errs = [v["predicted_bytes"] / v["measured_bytes"] - 1 for v in rows if v["settings"] == fit_["settings"]]
         if errs:
             fit_["validation"] = {"held_out_runs": len(errs), "max_abs_bytes_error": max(abs(e) for e in errs),
                                   "mean_bytes_error": float(np.mean(errs))}
-    COSTS.write_text(json.dumps(costs, indent=1) + "\n")
+    atomic_write_text(COSTS, json.dumps(costs, indent=1) + "\n")
     print(table(rows))
     return 0
 

@@ -9,14 +9,13 @@ two tools agree when `report.total_bytes + report.setup["bytes"]` equals `bytes`
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
 
 from piformer.config import ModelConfig
 from piformer.pi import jax_forward as jf
-from piformer.pi.secure import CLIENT, SERVER, _input_dtype
+from piformer.pi.secure import CLIENT, SERVER, _example, _input_dtype, _reconstruct, in_two_threads
 from piformer.pi.spu_backend import SPULog, SPUSettings, compile_step, local_share, mem_link_desc, require_spu
 
 
@@ -45,36 +44,23 @@ def run_as_one_program(sd: dict[str, np.ndarray], cfg: ModelConfig, ids: np.ndar
     inputs = {**jf.one_hot_chunks(ids, program.vocab_chunks), **{n: params[n] for n in program.server_inputs}}
     fn, names = whole_program(program)
     shapes = {**program.client_inputs, **program.server_inputs}
-    exe = compile_step(fn, [np.zeros(shapes[n], _input_dtype(n)) for n in names], names, program.logit_outputs,
+    exe = compile_step(fn, [_example(shapes[n], n) for n in names], names, program.logit_outputs,
                        "whole-program", settings.compiler_options())
     owners = {**{n: CLIENT for n in program.client_inputs}, **{n: SERVER for n in program.server_inputs}}
     desc = mem_link_desc()
-    outputs: list[Any] = [None, None]
-    errors: list[BaseException] = []
     offset = SPULog.offset()
 
-    def party(rank: int) -> None:
-        try:
-            cfg_rt = settings.runtime_config(profile=rank == CLIENT)
-            io = spu.Io(2, cfg_rt)
-            rt = spu.Runtime(spu.libspu.link.create_mem(desc, rank), cfg_rt)
-            for n in names:
-                mine = inputs[n] if owners[n] == rank else None
-                rt.set_var(n, local_share(io, mine, rank, owners[n], shapes[n], _input_dtype(n)))
-            rt.run(exe)
-            outputs[rank] = {n: rt.get_var(n) for n in program.logit_outputs}
-        except BaseException as err:  # surfaced below
-            errors.append(err)
+    def party(rank: int) -> dict[str, Any]:
+        cfg_rt = settings.runtime_config(profile=rank == CLIENT)
+        io = spu.Io(2, cfg_rt)
+        rt = spu.Runtime(spu.libspu.link.create_mem(desc, rank), cfg_rt)
+        for n in names:
+            mine = inputs[n] if owners[n] == rank else None
+            rt.set_var(n, local_share(io, mine, rank, owners[n], shapes[n], _input_dtype(n)))
+        rt.run(exe)
+        return {n: rt.get_var(n) for n in program.logit_outputs}
 
-    threads = [threading.Thread(target=party, args=(r,)) for r in (CLIENT, SERVER)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"single-program secure run failed: {errors[0]}") from errors[0]
+    outputs = in_two_threads(party, "single-program secure run")
     (run,) = [r for r in SPULog.read_from(offset) if r.name == "whole-program"]
-    io = spu.Io(2, settings.runtime_config(profile=False))
-    logits = np.concatenate([np.asarray(io.reconstruct([outputs[CLIENT][n], outputs[SERVER][n]]), np.float32)
-                             for n in program.logit_outputs], axis=-1)
+    logits = _reconstruct(settings, program, outputs[CLIENT], outputs[SERVER])
     return {"bytes": run.bytes, "messages": run.messages, "seconds": run.exec_s, "logits": logits}

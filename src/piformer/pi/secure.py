@@ -10,7 +10,7 @@ Counting: every step is its own SPU executable; SPU's profiler logs the bytes an
 link carried during each run, and we sum those per operator class. Nothing is estimated by a
 formula. SPU pays one-time setup lazily (base OTs, HE keys, and more the first time an
 operator runs at a new shape), so a *setup pass* runs first on the same runtimes: the same
-program with one block and the vocabulary cut to the chunk shapes it uses, on zeros, so every
+program with one block and the vocabulary cut to the chunk shapes it uses, on dummy inputs, so every
 distinct step (function and shapes) has run once before the measured pass. The setup is
 reported apart: what the setup pass cost beyond the steady-state cost of the same steps.
 
@@ -121,8 +121,13 @@ def latency_model(compute_s: float, nbytes: int, waits: float, bandwidth_bps: fl
 # Compilation of a program
 
 
+def _input_dtype(name: str):
+    """One-hot token chunks are integers (multiplied into the embedding without truncation)."""
+    return np.int32 if name.startswith("onehot.") else np.float32
+
+
 def _example(shape, name: str):
-    return np.zeros(shape, dtype=np.int32 if name.startswith("onehot.") else np.float32)
+    return np.zeros(shape, dtype=_input_dtype(name))
 
 
 def compile_program(program: jf.Program, settings: SPUSettings, cache: dict | None = None,
@@ -203,13 +208,12 @@ class _PartyResult:
     outputs: dict[str, Any] = field(default_factory=dict)  # name -> this party's share
     wall_s: float = 0.0
     warm_s: float = 0.0
-    error: BaseException | None = None
 
 
 def _run_party(rank: int, lctx, settings: SPUSettings, compiled: _Compiled, inputs: dict[str, np.ndarray],
                profile: bool, progress: Progress | None = None) -> _PartyResult:
-    """Run the setup pass on zeros, then the whole program, as party `rank`. `inputs` holds only
-    this party's own data."""
+    """Run the setup pass on dummy inputs, then the whole program, as party `rank`. `inputs`
+    holds only this party's own data."""
     spu = require_spu()
     res = _PartyResult()
     cfg = settings.runtime_config(profile=profile)
@@ -239,10 +243,6 @@ def _dummy_inputs(program: jf.Program) -> dict[str, np.ndarray]:
         if n not in out:
             out[n] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
     return out
-
-
-def _input_dtype(name: str):
-    return np.int32 if name.startswith("onehot.") else np.float32
 
 
 Progress = Callable[..., None]
@@ -320,22 +320,22 @@ def setup_cost(compiled: _Compiled, by_name: dict[str, RunCounters]) -> dict[str
     groups: dict[tuple, list[RunCounters]] = {}
     for s in compiled.program.steps:
         groups.setdefault(compiled.sigs[s.name], []).append(by_name[s.name])
-    steady = {sig: (np.mean([r.bytes for r in rs]), np.mean([r.messages for r in rs]), np.mean([r.exec_s for r in rs]))
-              for sig, rs in groups.items()}
-    total = {"bytes": 0, "messages": 0, "seconds": 0.0}
-    beyond = {"bytes": 0, "messages": 0, "seconds": 0.0}
+    counters = {"bytes": "bytes", "messages": "messages", "seconds": "exec_s"}  # report key -> RunCounters field
+    steady = {sig: {k: np.mean([getattr(r, f) for r in rs]) for k, f in counters.items()} for sig, rs in groups.items()}
+    total = dict.fromkeys(counters, 0.0)
+    beyond = dict.fromkeys(counters, 0.0)
     for s in compiled.setup.steps:
         r = by_name.get(SETUP_PREFIX + s.name)
         if r is None:
             raise RuntimeError(f"SPU's log has no counters for the setup step {s.name} (log: {SPULog.path()})")
         ref = steady[compiled.setup_sigs[s.name]]
-        for i, (key, mine) in enumerate((("bytes", r.bytes), ("messages", r.messages), ("seconds", r.exec_s))):
-            total[key] += mine
-            beyond[key] += mine - ref[i]
+        for k, f in counters.items():
+            total[k] += getattr(r, f)
+            beyond[k] += getattr(r, f) - ref[k]
     beyond = {"bytes": int(round(beyond["bytes"])), "messages": int(round(beyond["messages"])),
               "seconds": max(0.0, float(beyond["seconds"]))}  # timing noise can exceed the setup's own time
-    return {**beyond, "pass_bytes": total["bytes"], "pass_messages": total["messages"], "pass_seconds": total["seconds"],
-            "steps": len(compiled.setup.steps)}
+    return {**beyond, "pass_bytes": int(total["bytes"]), "pass_messages": int(total["messages"]),
+            "pass_seconds": total["seconds"], "steps": len(compiled.setup.steps)}
 
 
 LOGIT_TOLERANCE = 0.5
@@ -355,16 +355,18 @@ def _accuracy(secure: np.ndarray, plain: np.ndarray, settings: SPUSettings,
         "argmax_agreement": float((secure.argmax(-1) == plain.argmax(-1)).mean()),
         "next_token_match": bool(secure[-1].argmax() == plain[-1].argmax()),
         "fixed_point": f"{settings.field}, {settings.fxp_fraction_bits} fraction bits",
-        "tolerance": tolerance,
-        "within_tolerance": worst <= tolerance,
+        **_judged(worst, tolerance),
     }
+
+
+def _judged(max_abs_logit_error: float, tolerance: float) -> dict[str, Any]:
+    return {"tolerance": tolerance, "within_tolerance": max_abs_logit_error <= tolerance}
 
 
 def judge(report: "SecureReport", tolerance: float) -> None:
     """Re-judge a checked report against another logit tolerance."""
     if report.accuracy:
-        report.accuracy["tolerance"] = tolerance
-        report.accuracy["within_tolerance"] = report.accuracy["max_abs_logit_error"] <= tolerance
+        report.accuracy.update(_judged(report.accuracy["max_abs_logit_error"], tolerance))
 
 
 def disagrees(report: "SecureReport") -> bool:
@@ -374,6 +376,28 @@ def disagrees(report: "SecureReport") -> bool:
 
 # ----------------------------------------------------------------------------------------
 # One process, two threads
+
+
+def in_two_threads(party: Callable[[int], Any], what: str) -> list[Any]:
+    """[party(CLIENT), party(SERVER)], each in its own thread (the two ends of an in-memory link);
+    the first error either raised is raised here, naming `what` failed."""
+    results: list[Any] = [None, None]
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = party(rank)
+        except BaseException as err:  # surfaced below, in the caller's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"spu-party-{r}") for r in (CLIENT, SERVER)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{what} failed: {errors[0]}") from errors[0]
+    return results
 
 
 def run_secure(
@@ -415,29 +439,17 @@ def run_secure(
     compile_s = time.perf_counter() - t0
 
     desc = mem_link_desc()
-    results: list[_PartyResult | None] = [None, None]
     offset = SPULog.offset()
 
-    def party(rank: int) -> None:
+    def party(rank: int) -> _PartyResult:
         import spu.libspu as libspu
 
-        try:
-            lctx = libspu.link.create_mem(desc, rank)
-            own = client_in if rank == CLIENT else server_in
-            # only the client profiles: one party's log sees both directions of the link
-            results[rank] = _run_party(rank, lctx, settings, compiled, own, rank == CLIENT,
-                                       progress if rank == CLIENT else None)
-        except BaseException as err:  # surfaced below
-            results[rank] = _PartyResult(error=err)
+        lctx = libspu.link.create_mem(desc, rank)
+        own = client_in if rank == CLIENT else server_in
+        # only the client profiles: one party's log sees both directions of the link
+        return _run_party(rank, lctx, settings, compiled, own, rank == CLIENT, progress if rank == CLIENT else None)
 
-    threads = [threading.Thread(target=party, args=(r,), name=f"spu-party-{r}") for r in (CLIENT, SERVER)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r in results:
-        if r is None or r.error is not None:
-            raise RuntimeError(f"secure run failed: {r.error if r else 'no result'}") from (r.error if r else None)
+    results = in_two_threads(party, "secure run")
 
     report = SecureReport(settings=settings.to_dict(), mode="threads", seq_len=len(ids), config=cfg.to_dict(),
                           layers_run=program.settings["layers"], compile_s=compile_s,
