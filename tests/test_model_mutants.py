@@ -15,18 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from piformer import attention
-from piformer.config import ModelConfig
 from piformer.model import ENTROPY, EXPLICIT, FAST, PiGPT
-
-
-def tiny(preset: str = "SM+LN+G", seed: int = 0, **kw) -> PiGPT:
-    torch.manual_seed(seed)
-    return PiGPT(ModelConfig.from_preset(preset, size="tiny", **kw))
-
-
-def tokens(cfg: ModelConfig, B: int = 2, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, cfg.vocab_size, (B, cfg.block_size), generator=g)
+from tiny_runs import tiny, tokens
 
 
 def _randomise(model: PiGPT, seed: int = 3) -> None:

@@ -23,16 +23,7 @@ from piformer.entropy import (
     row_entropy,
 )
 from piformer.model import PiGPT
-
-
-def tiny(preset: str, seed: int = 0, **kw) -> PiGPT:
-    torch.manual_seed(seed)
-    return PiGPT(ModelConfig.from_preset(preset, size="tiny", **kw))
-
-
-def tokens(cfg: ModelConfig, B: int = 2, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, cfg.vocab_size, (B, cfg.block_size), generator=g)
+from tiny_runs import tiny, tokens
 
 
 def _sharpen(model: PiGPT, std: float = 0.4) -> None:
