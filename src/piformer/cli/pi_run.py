@@ -136,27 +136,25 @@ def run(args: argparse.Namespace) -> int:
                                 vocab_chunk=args.vocab_chunk, layers=args.layers, which=args.checkpoint,
                                 last_only=args.last_only)
         extra["rounds"] = {k: v for k, v in rounds.items() if k != "per_step_one_way_waits"}
+    progress = None if args.quiet else print_progress
     if not args.two_process:
         report = run_secure(sd, cfg, ids, settings, vocab_chunk=args.vocab_chunk, layers=args.layers,
-                            last_only=args.last_only, progress=None if args.quiet else print_progress)
-        report.one_way_waits = rounds["one_way_waits"] if rounds else None
-        if args.tolerance is not None:
-            judge(report, args.tolerance)
-        return print_report(report, args.json, args.ops, extra)
-
-    # Two OS processes: a pi-serve child (weights) and this process as the client (tokens).
-    # This process also runs the plaintext program, only to report the agreement.
-    program = jf.build_program(cfg, len(ids), vocab_chunk=args.vocab_chunk, exp_clip=settings.exp_clip,
-                               layers=args.layers, last_only=args.last_only)
-    params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
-    reference = jf.plaintext_logits(program, {**params, **jf.one_hot_chunks(ids, program.vocab_chunks)})
-    t0 = time.perf_counter()
-    report = run_two_process(args.run_dir, ids, settings, which=args.checkpoint, vocab_chunk=args.vocab_chunk,
-                             layers=args.layers, reference=reference, delay_s=args.delay_ms / 1e3 if args.delay_ms else None,
-                             bandwidth_bps=args.bandwidth_mbit * 1e6 if args.bandwidth_mbit else None,
-                             ports=(args.port, args.port + 1) if args.port else None, last_only=args.last_only,
-                             progress=None if args.quiet else print_progress)
-    extra["end_to_end_s"] = round(time.perf_counter() - t0, 2)
+                            last_only=args.last_only, progress=progress)
+    else:
+        # Two OS processes: a pi-serve child (weights) and this process as the client (tokens).
+        # This process also runs the plaintext program, only to report the agreement.
+        program = jf.build_program(cfg, len(ids), vocab_chunk=args.vocab_chunk, exp_clip=settings.exp_clip,
+                                   layers=args.layers, last_only=args.last_only)
+        params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
+        reference = jf.plaintext_logits(program, {**params, **jf.one_hot_chunks(ids, program.vocab_chunks)})
+        t0 = time.perf_counter()
+        report = run_two_process(args.run_dir, ids, settings, which=args.checkpoint, vocab_chunk=args.vocab_chunk,
+                                 layers=args.layers, reference=reference,
+                                 delay_s=args.delay_ms / 1e3 if args.delay_ms else None,
+                                 bandwidth_bps=args.bandwidth_mbit * 1e6 if args.bandwidth_mbit else None,
+                                 ports=(args.port, args.port + 1) if args.port else None, last_only=args.last_only,
+                                 progress=progress)
+        extra["end_to_end_s"] = round(time.perf_counter() - t0, 2)
     report.one_way_waits = rounds["one_way_waits"] if rounds else None
     if args.tolerance is not None:
         judge(report, args.tolerance)
