@@ -7,6 +7,7 @@ pass's cost beyond steady state. They should add up.
 
     python benchmarks/bench_pi_harness.py                     # the table in docs/private_inference.md
     python benchmarks/bench_pi_harness.py --vocab 97 --chunk 40 --seq-len 8
+    python benchmarks/bench_pi_harness.py --cases SM+ScFuFFN:default --steps   # + pi-run's per-step bytes
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default 8192)")
     p.add_argument("--chunk", type=int, default=4096, help="vocabulary chunk (default 4096)")
     p.add_argument("--seq-len", type=int, default=16, help="T (default 16)")
+    p.add_argument("--steps", action="store_true",
+                   help="also print pi-run's bytes and messages per step (same-shape steps should cost the same)")
     args = p.parse_args()
 
     import torch
@@ -48,6 +51,9 @@ def main() -> int:
                     f"{r.total_bytes / 1e6:.3f} + {r.setup['bytes'] / 1e6:.3f} = {ours / 1e6:.3f}, "
                     f"{r.total_messages + r.setup['messages']:,} | {ours / one['bytes'] - 1:+.2%} |")
         print(rows[-1], flush=True)
+        if args.steps:
+            for st in r.steps:
+                print(f"    {preset}, {settings_name}: {st['name']:<14} {st['bytes']:>12,d} B {st['messages']:>6,d} messages")
     print(f"\ntiny models (L=2, d=32), V={args.vocab} in chunks of {args.chunk}, T={args.seq_len}\n")
     print("| model, settings | one program (MB, messages) | pi-run per inference + setup (MB, messages) | bytes |")
     print("|---|---|---|---:|")
