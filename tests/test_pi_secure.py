@@ -302,3 +302,32 @@ def test_a_secure_run_reports_progress_part_by_part():
     assert [p for p, _, _ in setup] == ["embedding", "block 0", "final LayerNorm", "head"]
     assert measured[-1][1] == measured[-1][2]  # the last part ends the pass
     assert all(a[1] < b[1] for a, b in zip(measured, measured[1:]))
+
+
+def test_ctrl_c_stops_a_secure_run_with_a_message(tmp_path):
+    """SIGINT during a long secure pass: exit status 130 at once, one line saying what stopped,
+    no traceback (the SPU party threads must not keep the process alive)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("SM+LN+G", size="tiny", n_layer=6, n_embd=64, n_head=4, block_size=32)
+    ckpt = save_checkpoint(tmp_path / "ckpt", PiGPT(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "piformer.cli", "pi-run", str(ckpt), "--seq-len", "32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()  # the first progress line: the secure pass is under way
+        assert "done (step" in first, first
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert time.monotonic() - t0 < 30
+    assert "interrupted: secure run stopped" in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert "WRONG" not in out and "per class" not in out  # no report of a run that did not finish

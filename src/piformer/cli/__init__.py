@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+import threading
 
 from piformer.errors import RunInUseError, RunTerminated
 
@@ -87,8 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         return fail(EXIT_IO, f"I/O error: {err}")
     except RunTerminated:
         return fail(EXIT_TERMINATED, "terminated (SIGTERM)")
-    except KeyboardInterrupt:
-        return fail(EXIT_INTERRUPTED, "interrupted")
+    except KeyboardInterrupt as err:
+        code = fail(EXIT_INTERRUPTED, f"interrupted: {err}" if str(err) else "interrupted")
+        if threading.active_count() > 1:
+            # Secure inference leaves SPU's party threads blocked in C++ on a peer that will not
+            # answer; a normal interpreter exit would tear them down under the C++ runtime.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
 
 if __name__ == "__main__":

@@ -390,11 +390,16 @@ def in_two_threads(party: Callable[[int], Any], what: str) -> list[Any]:
         except BaseException as err:  # surfaced below, in the caller's thread
             errors.append(err)
 
-    threads = [threading.Thread(target=run, args=(r,), name=f"spu-party-{r}") for r in (CLIENT, SERVER)]
+    # Daemon threads: on Ctrl-C the main thread stops waiting, and the parties (blocked inside
+    # SPU's C++ on each other) must not keep the process alive.
+    threads = [threading.Thread(target=run, args=(r,), name=f"spu-party-{r}", daemon=True) for r in (CLIENT, SERVER)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{what} stopped; the secure session was abandoned and nothing was written") from None
     if errors:
         raise RuntimeError(f"{what} failed: {errors[0]}") from errors[0]
     return results
@@ -650,6 +655,11 @@ def run_two_process(
             report = query(ids, server_seen_by_client, client_addr, settings, vocab_chunk=vocab_chunk,
                            layers=layers, reference=reference, last_only=last_only, progress=progress)
             rc = server.wait(timeout=300)
+        except KeyboardInterrupt:
+            server.kill()
+            server.wait()
+            raise KeyboardInterrupt("secure query stopped; the pi-serve child process was stopped and nothing "
+                                    "was written") from None
         except BaseException as err:
             server.kill()
             server.wait()
