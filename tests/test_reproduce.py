@@ -166,3 +166,21 @@ def test_without_spu_the_study_runs_and_says_secure_inference_was_skipped(tmp_pa
     md = paths["md"].read_text()
     assert f"secure inference skipped: {why}" in md  # in "What was run"
     assert f"Secure inference skipped: {why}" in md  # and where the secure table would be
+
+
+def test_every_configuration_is_priced_by_the_estimator(study):
+    """Each run gets the fitted estimate at the paper's shape (both settings) and at its own; a
+    run measured under SPU is marked measured beside it, the others 'not measured'."""
+    root, paths = study
+    md = paths["md"].read_text()
+    for preset in PRESETS:
+        e = json.loads((root / "runs" / slug(preset) / "pi_estimate.json").read_text())
+        row = _row(md, preset, "### Secure cost predicted without SPU")
+        for settings in ("default", "optimised"):
+            assert f"| {e['paper_shape'][settings]['total_bytes'] / 1e9:.2f} |" in row
+        assert e["paper_shape"]["optimised"]["total_bytes"] < e["paper_shape"]["default"]["total_bytes"]
+        secure = root / "runs" / slug(preset) / "pi_secure.json"
+        assert ("measured (T=" in row) == (HAVE_SPU and secure.is_file()), row
+    ln_g = json.loads((root / "runs" / slug("SM+LN+G") / "pi_estimate.json").read_text())
+    sm = json.loads((root / "runs" / slug("SM+ScFuFFN") / "pi_estimate.json").read_text())
+    assert sm["paper_shape"]["optimised"]["total_bytes"] < ln_g["paper_shape"]["optimised"]["total_bytes"]

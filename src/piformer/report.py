@@ -57,6 +57,7 @@ def collect(run_root: str | Path) -> dict[str, Any]:
             "pi_cost": _read(d / rd.PI_COST),
             "pi_cost_paper_shape": _read(d / rd.PI_COST_GPT2),
             "pi_secure": _read(d / rd.PI_SECURE),
+            "pi_estimate": _read(d / rd.PI_ESTIMATE),
         })
     data_dir = Path(manifest["data_dir"]) if manifest.get("data_dir") else root / "data"
     if not data_dir.is_absolute():
@@ -233,6 +234,7 @@ def _pi_section(doc: Document, runs: list[dict], notes: list[str] = ()) -> None:
             caption="Analytic counts at the paper's shape (GPT-2 small, T=128), from `piformer pi-cost`.",
         ),
     )
+    _add_estimates(doc, runs)
     measured = [r for r in runs if r["pi_secure"]]
     if not measured:
         skipped = [n for n in notes if n.startswith("secure inference skipped")]
@@ -288,6 +290,34 @@ def _pi_section(doc: Document, runs: list[dict], notes: list[str] = ()) -> None:
         f"{paper.SAVINGS_T128['SM+LN+R']['latency']}x latency (ReLU), {paper.SAVINGS_T128['SM+ScFuFFN']['comm']}x / "
         f"{paper.SAVINGS_T128['SM+ScFuFFN']['latency']}x (SM+ScFuFFN). The GPT-2-scale measurement is "
         "`benchmarks/bench_pi_gpt2.py` (see docs/private_inference.md)."
+    ))
+
+
+def _add_estimates(doc, runs: list[dict]) -> None:
+    """Every configuration priced by the fitted estimator; a measured SPU run beside its estimate."""
+    priced = [r for r in runs if r.get("pi_estimate")]
+    if not priced:
+        return
+    rows = []
+    for r in priced:
+        e, s = r["pi_estimate"], r["pi_secure"]
+        own = e["run_shape"]
+        measured = (f"{s['total_bytes'] / 2**20:.2f} MiB measured (T={s['seq_len']})" if s else "not measured")
+        rows.append([f"`{r['label']}`"]
+                    + [_fmt(e["paper_shape"][k]["total_bytes"] / 1e9, ".2f") for k in ("default", "optimised")]
+                    + [_fmt(e["paper_shape"][k]["latency"]["WAN"]["total_s"] / 60, ".1f") for k in ("default", "optimised")]
+                    + [f"{own['total_bytes'] / 2**20:.2f} MiB estimated (T={own['seq_len']})", measured])
+    v = priced[0]["pi_estimate"]["paper_shape"]["optimised"].get("validation") or {}
+    accuracy = (f"on {v['held_out_runs']} held-out models its total bytes were off by up to "
+                f"{v['max_abs_bytes_error']:.0%}" if v else "not validated")
+    doc.add(Heading("Secure cost predicted without SPU", 3))
+    doc.add(Table(
+        ["config", "est. GB default", "est. GB optimised", "est. WAN min default", "est. WAN min optimised",
+         "this run's shape", "SPU run"],
+        rows,
+        caption="Secure cost of every configuration predicted without SPU (`piformer pi-cost --secure`; fitted to "
+                f"SPU 0.9.5's counters, {accuracy}) at GPT-2 small, T=128, beside a measured SPU run where the "
+                "tier has one. Estimated WAN latency uses the fitting machine's compute and messages for waits.",
     ))
 
 

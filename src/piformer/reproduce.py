@@ -365,7 +365,7 @@ def _run_pipeline(spec: RunSpec, tier: Tier, vocab_size: int, data_dir: Path, ru
     else:
         timed("eval", _eval_stage, run, data_dir, tier.eval_batches)
         timed("entropy", _entropy_stage, run, data_dir, tier.entropy_batches)
-    _cost_stage(run, spec.preset, cfg)
+    _cost_stage(run, spec.preset, cfg, tier.secure_seq_len)
     return timings
 
 
@@ -408,12 +408,22 @@ def _entropy_stage(run: Path, data_dir: Path, batches: int) -> None:
     atomic_write_text(run / run_dir.ENTROPY, json.dumps(result.to_dict(), indent=1))
 
 
-def _cost_stage(run: Path, preset: str, cfg: ModelConfig) -> None:
+def _cost_stage(run: Path, preset: str, cfg: ModelConfig, secure_seq_len: int) -> None:
     from .pi.cost import pi_cost
+    from .pi.estimate import estimate
+    from .pi.spu_backend import SPUSettings
 
     atomic_write_text(run / run_dir.PI_COST, json.dumps(pi_cost(cfg, preset=preset).to_dict(), indent=1))
     paper_shape = ModelConfig.from_preset(preset, size="gpt2-small", vocab_size=50257)
     atomic_write_text(run / run_dir.PI_COST_GPT2, json.dumps(pi_cost(paper_shape, preset=preset).to_dict(), indent=1))
+    # The fitted estimator prices every configuration, SPU or not: at the paper's shape under both
+    # settings, and at the run's own shape and T as the secure stage measures it (default settings).
+    predicted = {
+        "paper_shape": {name: estimate(paper_shape, 128, SPUSettings.preset(name)).to_dict()
+                        for name in ("default", "optimised")},
+        "run_shape": estimate(cfg, min(secure_seq_len, cfg.block_size), SPUSettings()).to_dict(),
+    }
+    atomic_write_text(run / run_dir.PI_ESTIMATE, json.dumps(predicted, indent=1))
 
 
 def _secure_stage(run: Path, data_dir: Path, seq_len: int) -> None:

@@ -50,6 +50,7 @@ ENTROPY = "entropy.json"
 PI_COST = "pi_cost.json"
 PI_COST_GPT2 = "pi_cost_gpt2.json"
 PI_SECURE = "pi_secure.json"
+PI_ESTIMATE = "pi_estimate.json"
 
 
 def checkpoint_dir(run: str | Path, which: str) -> Path:
