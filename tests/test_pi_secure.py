@@ -331,3 +331,22 @@ def test_ctrl_c_stops_a_secure_run_with_a_message(tmp_path):
     assert "interrupted: secure run stopped" in err, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     assert "WRONG" not in out and "per class" not in out  # no report of a run that did not finish
+
+
+def test_logits_beyond_the_exponentials_range_are_named_and_clipping_fixes_them():
+    """A collapsed softmax (the trained softmax-only GPT-2 reached row spans of 1.5e4) feeds SPU's
+    exponential inputs far below -500, where it is garbage: the report names the span and says
+    to clip; with --exp-clip 20 the same model is right."""
+    m = _model("SM(t)+ScFuFFN")
+    with torch.no_grad():  # small learnt temperatures divide the logits: a collapsed softmax
+        for b in m.transformer.h:
+            b.attn.set_temperature(torch.full(b.attn.temperature.shape, 1e-5))
+    sd = state_dict_to_numpy(m)
+    plain = run_secure(sd, m.config, _IDS, SPUSettings())
+    assert plain.accuracy["softmax_input_span"] > 1000
+    assert plain.accuracy["exp_out_of_range"]
+    assert not plain.accuracy["within_tolerance"]  # measured: max error 0.86, argmax agreement 62.5%
+    clipped = run_secure(sd, m.config, _IDS, SPUSettings(exp_clip=20.0))
+    assert not clipped.accuracy["exp_out_of_range"]
+    assert clipped.accuracy["within_tolerance"], clipped.accuracy
+    assert clipped.accuracy["max_abs_logit_error"] < plain.accuracy["max_abs_logit_error"]

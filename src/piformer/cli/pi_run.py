@@ -113,6 +113,10 @@ def print_report(report, as_json: bool, ops: bool = False, extra: dict | None = 
     if disagrees(report):
         print(f"piformer: WRONG RESULT: secure logits differ from plaintext by {report.accuracy['max_abs_logit_error']:.4g} "
               f"> tolerance {report.accuracy['tolerance']:g}", file=sys.stderr)
+        if report.accuracy.get("exp_out_of_range"):
+            from piformer.pi.secure import exp_range_hint
+
+            print(f"piformer: {exp_range_hint(report.accuracy['softmax_input_span'])}", file=sys.stderr)
         return EXIT_WRONG_RESULT
     return 0
 

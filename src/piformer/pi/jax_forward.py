@@ -395,5 +395,30 @@ def forward(
 def plaintext_logits(program: Program, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """The program run in plaintext on all its inputs (the server's parameters and the client's
     tokens), its vocabulary chunks joined: the logits a secure run is checked against."""
-    env = run_program(program, inputs)
+    return logits_of(program, run_program(program, inputs))
+
+
+def logits_of(program: Program, env: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(env[o]) for o in program.logit_outputs], axis=-1)
+
+
+EXP_VALID_RANGE = 500.0
+"""SPU 0.9.5's exponential is accurate on [-500, 0] (measured) and garbage below about -1000."""
+
+
+def softmax_input_span(program: Program, env: dict[str, np.ndarray]) -> float:
+    """The largest gap between an attention row's maximum logit and a visible logit of that row,
+    over every softmax of a plaintext run: the most negative input the exponential will see.
+    Softmax-only models whose deep layers collapse (near-zero entropy) grow it past
+    EXP_VALID_RANGE; `exp_clip` then keeps the secure result right."""
+    span = 0.0
+    for step in program.steps:
+        if step.op_class != "softmax":
+            continue
+        s = np.asarray(env[step.inputs[0]], dtype=np.float64)  # (H, T, T)
+        T = s.shape[-1]
+        visible = np.tril(np.ones((T, T), dtype=bool))
+        hi = np.where(visible, s, -np.inf).max(-1, keepdims=True)
+        lo = np.where(visible, s, np.inf).min(-1, keepdims=True)
+        span = max(span, float((hi - lo).max()))
+    return span

@@ -345,10 +345,16 @@ wrong results seen so far were off by 1e6 and more."""
 
 
 def _accuracy(secure: np.ndarray, plain: np.ndarray, settings: SPUSettings,
-              tolerance: float = LOGIT_TOLERANCE) -> dict[str, Any]:
+              tolerance: float = LOGIT_TOLERANCE, softmax_span: float | None = None) -> dict[str, Any]:
     err = np.abs(secure - plain)
     worst = float(err.max()) if np.isfinite(err).all() else float("inf")
+    span = {}
+    if softmax_span is not None:
+        clip = settings.exp_clip
+        span = {"softmax_input_span": softmax_span,
+                "exp_out_of_range": softmax_span > jf.EXP_VALID_RANGE and (clip is None or clip > jf.EXP_VALID_RANGE)}
     return {
+        **span,
         "max_abs_logit_error": worst,
         "mean_abs_logit_error": float(err.mean()),
         "max_abs_logit": float(np.abs(plain).max()),
@@ -357,6 +363,12 @@ def _accuracy(secure: np.ndarray, plain: np.ndarray, settings: SPUSettings,
         "fixed_point": f"{settings.field}, {settings.fxp_fraction_bits} fraction bits",
         **_judged(worst, tolerance),
     }
+
+
+def exp_range_hint(span: float) -> str:
+    return (f"softmax inputs reach {span:.4g} below their row's maximum (plaintext run); SPU's exponential is "
+            f"accurate only down to -{jf.EXP_VALID_RANGE:g}: rerun with --exp-clip 20 (exact at 18 fraction bits, "
+            "where exp(-20) rounds to 0 anyway)")
 
 
 def _judged(max_abs_logit_error: float, tolerance: float) -> dict[str, Any]:
@@ -465,7 +477,9 @@ def run_secure(
     logits = _reconstruct(settings, program, results[CLIENT].outputs, results[SERVER].outputs)
     report.logits = logits
     if check:
-        report.accuracy = _accuracy(logits, jf.plaintext_logits(program, {**params, **client_in}), settings)
+        env = jf.run_program(program, {**params, **client_in})
+        report.accuracy = _accuracy(logits, jf.logits_of(program, env), settings,
+                                    softmax_span=jf.softmax_input_span(program, env))
     return report
 
 
@@ -745,6 +759,8 @@ def format_report(report: SecureReport, color: bool = False) -> str:
             lines.append(_red(f"WRONG RESULT: the secure logits differ from plaintext by up to {a['max_abs_logit_error']:.4g}, "
                               f"beyond the tolerance of {a['tolerance']:g} (see docs/private_inference.md, 'Accuracy'); "
                               "communication counts are unaffected", color))
+        if a.get("exp_out_of_range"):
+            lines.append(exp_range_hint(a["softmax_input_span"]))
     if report.one_way_waits is not None:
         lines += ["", f"latency = compute + bytes x 8 / bandwidth + one-way waits x RTT / 2, "
                   f"with {report.one_way_waits:.0f} waits measured over a delayed TCP link"]
