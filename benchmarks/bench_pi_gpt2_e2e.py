@@ -50,7 +50,8 @@ def train_command(preset: str, out: Path, args) -> list[str]:
 
 
 def pi_command(run: Path, args, layers: int | None = None) -> list[str]:
-    extra = [] if layers is None else ["--layers", str(layers)]
+    extra = ([] if layers is None else ["--layers", str(layers)]) + (
+        [] if args.exp_clip is None else ["--exp-clip", f"{args.exp_clip:g}"])
     return PIFORMER + ["pi-run", str(run), "--seq-len", str(args.seq_len), "--settings", args.settings, "--json",
                        *extra]
 
@@ -66,7 +67,8 @@ def measure(preset: str, args, results: dict, layers: int | None = None) -> None
     if not (run / "checkpoints" / "best" / "model.safetensors").exists():
         if sh(["mkdir", "-p", str(run.parent)]).returncode or sh(train_command(preset, run, args)).returncode:
             raise SystemExit(f"training {preset} failed")
-    key = f"{preset}/{args.settings}/T{args.seq_len}" + ("" if layers is None else f"/layers{layers}")
+    key = (f"{preset}/{args.settings}/T{args.seq_len}" + ("" if args.exp_clip is None else f"/exp_clip={args.exp_clip:g}")
+           + ("" if layers is None else f"/layers{layers}"))
     if key in results:
         print(f"{key}: saved already, skipped", flush=True)
         return
@@ -95,6 +97,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (1e-3 diverged SM+ScFuFFN at step 26)")
     p.add_argument("--out", default="out/e2e", help="run directories and logs")
     p.add_argument("--results", default="results/pi/gpt2_e2e.json")
+    p.add_argument("--exp-clip", type=float, default=None,
+                   help="pi-run --exp-clip C (softmax-only models whose deep attention collapses need it)")
     p.add_argument("--extrapolate", action="store_true",
                    help="also run --layers 0 and --layers 1 of each checkpoint: the per-block extrapolation, checked")
     p.add_argument("--report-only", action="store_true")
