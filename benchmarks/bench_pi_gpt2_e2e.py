@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -139,6 +140,23 @@ def report(results: dict) -> str:
         lines.append(f"| {key} | {_gb(r):.3f} | {r['setup']['bytes'] / 1e9:.3f} | {r['total_messages']:,} | "
                      f"{r['wall_s'] / 60:.1f} | {acc['max_abs_logit_error']:.3g} | {acc['argmax_agreement']:.3f} | "
                      f"{extra[0]} | {extra[1]} | {v['exit_status']} |")
+    lines += ["", "Per block, from the whole-model runs (steady state after the setup pass): L x any one block + "
+              "the shared parts (embedding, final LayerNorm, head) against the measured total.", "",
+              "| model, settings, T | shared MB | block MB min / max | worst error of L x one block + shared |",
+              "|---|---:|---:|---:|"]
+    for key, v in results.items():
+        if "/layers" in key:
+            continue
+        r = v["report"]
+        blocks: dict[int, int] = {}
+        for s in r["steps"]:
+            m = re.match(r"h(\d+)\.", s["name"])
+            if m:
+                blocks[int(m.group(1))] = blocks.get(int(m.group(1)), 0) + s["bytes"]
+        shared = r["total_bytes"] - sum(blocks.values())
+        worst = max(abs(len(blocks) * b + shared - r["total_bytes"]) for b in blocks.values()) / r["total_bytes"]
+        lines.append(f"| {key} | {shared / 1e6:.1f} | {min(blocks.values()) / 1e6:.1f} / {max(blocks.values()) / 1e6:.1f} "
+                     f"| {worst:.2%} |")
     return "\n".join(lines)
 
 

@@ -114,8 +114,14 @@ def stress(op: str, settings, repeat: int, fresh_session: bool, seed: int, recor
         for k, i in enumerate(reps):
             secure = np.asarray(io.reconstruct([outs[CLIENT][k][0], outs[SERVER][k][0]]), dtype=np.float64)
             err = np.abs(secure - _numpy(op, *draws[i]))
-            record({"rep": i, "max_abs_error": float(err.max()), "n_wrong": int((err > WRONG).sum()),
-                    "numel": int(err.size), "exec_s": round(outs[CLIENT][k][1], 3)})
+            wrong = np.flatnonzero(err > WRONG)
+            where = {}
+            if wrong.size:  # a contiguous flat range points at one failed batch of a primitive
+                rows = np.unique(wrong // err.shape[-1])
+                where = {"first_wrong": int(wrong[0]), "last_wrong": int(wrong[-1]), "wrong_rows": int(rows.size),
+                         "wrong_values_sample": [float(v) for v in secure.reshape(-1)[wrong[:5]]]}
+            record({"rep": i, "max_abs_error": float(err.max()), "n_wrong": int(wrong.size),
+                    "numel": int(err.size), "exec_s": round(outs[CLIENT][k][1], 3), **where})
 
     if fresh_session:
         for i in range(repeat):
