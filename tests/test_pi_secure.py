@@ -315,8 +315,11 @@ def test_ctrl_c_stops_a_secure_run_with_a_message(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("SM+LN+G", size="tiny", n_layer=6, n_embd=64, n_head=4, block_size=32)
     ckpt = save_checkpoint(tmp_path / "ckpt", PiGPT(cfg))
+    # A shell's background job (nohup ... &) starts with SIGINT ignored, and Python then installs no
+    # Ctrl-C handler; restore the default so the child behaves as under a terminal.
     proc = subprocess.Popen([sys.executable, "-m", "piformer.cli", "pi-run", str(ckpt), "--seq-len", "32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stderr.readline()  # the first progress line: the secure pass is under way
         assert "done (step" in first, first
