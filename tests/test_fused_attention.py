@@ -149,3 +149,19 @@ def test_fallbacks_warn_once_and_match_where_they_apply(monkeypatch):
     assert len(messages) == 1 and "dropout" in messages[0], messages
     with pytest.raises(ValueError, match="dtype"):
         attention_with_entropy(*(torch.zeros(1, 1, 4, 2, dtype=torch.float16),) * 3)
+
+
+def test_collapsed_attention_never_reports_a_negative_entropy():
+    """Logits of ~1e4 (the deep layers of a model without LayerNorm reach them): the fused
+    entropy is a difference of two terms that large, and float32 rounding once logged -0.19 nats
+    in training. Entropies are clamped at 0 and stay within rounding of the float64 reference."""
+    torch.manual_seed(0)
+    B, H, T, D = 2, 4, 64, 32
+    q, k, v = torch.randn(B, H, T, D) * 60, torch.randn(B, H, T, D) * 60, torch.randn(B, H, T, D)
+    _, ent = attention_with_entropy(q, k, v)
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    assert s.abs().max() > 5e3
+    p = torch.softmax(s.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")), -1)
+    ref = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    assert ent.min() >= 0
+    assert (ent.double() - ref).abs().max() < 1e-2

@@ -72,7 +72,10 @@ class _FlashAttentionWithEntropy(torch.autograd.Function):
         qp = F.pad(q, (0, D))  # [q | 0]
         out, lse = _FLASH_CPU(qp, kv, kv, 0.0, True, scale=scale)  # out = P [K | V]
         pk, y = out[..., :D], out[..., D:]
-        ent = lse - scale * (q * pk).sum(-1)
+        # A difference of two terms as large as the logits: when attention has collapsed (logits of
+        # 1e4, rows one-hot) float32 rounding leaves it slightly below 0. An entropy is >= 0; the
+        # backward below is the exact gradient whatever the clamp did to the value.
+        ent = (lse - scale * (q * pk).sum(-1)).clamp_min_(0.0)
         # O(B H T D), no (T, T) tensor; q rather than [q | 0]: backward re-pads it, which is
         # cheaper than keeping a zero half alive in every layer until then.
         ctx.save_for_backward(q, kv, out, lse)
