@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from piformer.pi.spu_backend import SETTINGS_PRESETS
+
 from ._types import positive_int
 
 NAME = "pi-cost"
@@ -21,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secure", action="store_true",
                    help="also predict secure-inference communication, messages and LAN/WAN latency from costs "
                         "fitted to SPU measurements (no SPU run; see docs/private_inference.md)")
-    p.add_argument("--settings", default="default", choices=("default", "optimised"),
+    p.add_argument("--settings", default="default", choices=tuple(SETTINGS_PRESETS),
                    help="with --secure: the SPU settings to predict for (default: default)")
     p.add_argument("--vocab-chunk", type=positive_int, default=4096,
                    help="with --secure: vocabulary rows per embedding/head product, as pi-run (default 4096)")

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
+from piformer.pi.spu_backend import SETTINGS_PRESETS
+
 from ._types import positive_float, positive_int
+
+SETTINGS_NAMES = tuple(SETTINGS_PRESETS)
 
 NAME = "pi-run"
 HELP = ("run a checkpoint under two-party secure inference (SPU): communication, messages and time "
@@ -17,9 +22,10 @@ def add_spu_arguments(p: argparse.ArgumentParser) -> None:
     """SPU options shared by pi-run and pi-query."""
     g = p.add_argument_group("SPU")
     g.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"), help="2PC protocol (default cheetah)")
-    g.add_argument("--settings", default="default", choices=("default", "optimised"),
-                   help="'default': SPU 0.9.5 as shipped; 'optimised': denominator broadcast, EMP Ferret OT, "
-                        "mul LSB error (see docs/private_inference.md)")
+    g.add_argument("--settings", default="default", choices=SETTINGS_NAMES,
+                   help="'default': SPU 0.9.5 as shipped; 'optimised': denominator broadcast and EMP Ferret OT; "
+                        "'optimised-lsb-error': also CHEETAH's mul LSB error, which returns wrong values in "
+                        "SPU 0.9.5 (cost studies only; see docs/private_inference.md)")
     g.add_argument("--field", default=None, choices=("FM64", "FM128"), help="ring (default FM64)")
     g.add_argument("--fxp-bits", type=int, default=None, help="fixed-point fraction bits (default 18)")
     g.add_argument("--exp-clip", type=float, default=None, help="clamp softmax inputs x - max at -CLIP before exp")
@@ -31,7 +37,7 @@ def add_spu_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from piformer.pi.spu_backend import SPUSettings
+    from piformer.pi.spu_backend import UNSAFE_SETTINGS_WARNING, SPUSettings
 
     over = {"protocol": args.protocol}
     if args.field:
@@ -42,6 +48,8 @@ def settings_from_args(args: argparse.Namespace):
         over["exp_clip"] = args.exp_clip
     s = SPUSettings.preset(args.settings, **over)
     s.validate()
+    if s.mul_lsb_error:
+        print(f"piformer: warning: {UNSAFE_SETTINGS_WARNING}", file=sys.stderr)
     return s
 
 

@@ -9,6 +9,7 @@ two tools agree when `report.total_bytes + report.setup["bytes"]` equals `bytes`
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -64,3 +65,36 @@ def run_as_one_program(sd: dict[str, np.ndarray], cfg: ModelConfig, ids: np.ndar
     (run,) = [r for r in SPULog.read_from(offset) if r.name == "whole-program"]
     logits = _reconstruct(settings, program, outputs[CLIENT], outputs[SERVER])
     return {"bytes": run.bytes, "messages": run.messages, "seconds": run.exec_s, "logits": logits}
+
+
+def run_op_repeatedly(fn, pairs: list[tuple[np.ndarray, np.ndarray]], settings: SPUSettings | None = None,
+                      name: str = "op") -> list[tuple[np.ndarray, float]]:
+    """One two-input function under SPU, compiled once and executed once per (x, y) pair in ONE
+    session (the same link and runtimes throughout, as a long secure run uses them): the client
+    holds x, the server y. Returns each execution's reconstructed output and seconds, in order.
+
+    This is how a single primitive is stress-tested: every output can be checked exactly."""
+    spu = require_spu()
+    settings = settings or SPUSettings()
+    x0, y0 = pairs[0]
+    exe = compile_step(fn, [np.zeros_like(x0, np.float32), np.zeros_like(y0, np.float32)], ["x", "y"], ["out"],
+                       name, settings.compiler_options())
+    owners, desc = {"x": CLIENT, "y": SERVER}, mem_link_desc()
+
+    def party(rank: int) -> list[tuple[Any, float]]:
+        cfg_rt = settings.runtime_config(profile=False)
+        io = spu.Io(2, cfg_rt)
+        rt = spu.Runtime(spu.libspu.link.create_mem(desc, rank), cfg_rt)
+        got = []
+        for x, y in pairs:
+            for n, v in (("x", x), ("y", y)):
+                mine = v.astype(np.float32) if owners[n] == rank else None
+                rt.set_var(n, local_share(io, mine, rank, owners[n], v.shape, np.float32))
+            t0 = time.perf_counter()
+            rt.run(exe)
+            got.append((rt.get_var("out"), time.perf_counter() - t0))
+        return got
+
+    outs = in_two_threads(party, f"secure {name}")
+    io = spu.Io(2, settings.runtime_config(profile=False))
+    return [(np.asarray(io.reconstruct([c[0], s[0]])), c[1]) for c, s in zip(outs[CLIENT], outs[SERVER])]

@@ -32,8 +32,8 @@ import numpy as np
 from piformer.config import ModelConfig
 from piformer.pi import jax_forward as jf
 from piformer.pi.spu_backend import (
-    RunCounters, SPULog, SPUSettings, brpc_link, compile_step, local_share, mem_link_desc, rename,
-    require_spu, share_from_bytes, share_to_bytes, wait_for_listener,
+    UNSAFE_SETTINGS_WARNING, RunCounters, SPULog, SPUSettings, brpc_link, compile_step, local_share, mem_link_desc,
+    rename, require_spu, share_from_bytes, share_to_bytes, wait_for_listener,
 )
 
 CLIENT, SERVER = 0, 1
@@ -737,6 +737,10 @@ def format_report(report: SecureReport, color: bool = False) -> str:
         f"SPU settings: denominator_broadcast={s['denominator_broadcast']} exp_clip={s['exp_clip']}"
         + (f" ot_kind={s['ot_kind']} mul_lsb_error={s['mul_lsb_error']}" if s["protocol"] == "cheetah"
            else " (Beaver triples from a simulated trusted first party: offline phase not counted)"),
+    ]
+    if s.get("mul_lsb_error"):
+        lines.append(_red(f"WARNING: {UNSAFE_SETTINGS_WARNING}", color))
+    lines += [
         "",
         f"{'operator class':<12} {'MB (both ways)':>15} {'messages':>10} {'seconds':>9} {'steps':>6}",
     ]
