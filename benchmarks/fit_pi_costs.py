@@ -32,7 +32,7 @@ MEASURED = ROOT / "results/pi/spu_cost_measurements.json"
 VALIDATION = ROOT / "results/pi/estimator_validation.json"
 HELD_OUT_MEASURED = ROOT / "results/pi/estimator_holdout_measurements.json"
 COSTS = ROOT / "src/piformer/pi/spu_costs.json"
-SETTINGS = ("default", "optimised")
+SETTINGS = ("default", "optimised", "optimised-lsb-error")
 
 # (preset, n_layer, n_embd, n_head, T, vocab, chunk): the fit uses one block per run; the three
 # presets between them contain every step kind (GELU, ReLU, temperature, fused FFN, beta, LN).

@@ -16,9 +16,11 @@ from piformer.pi.spu_backend import SPUSettings
 PRESETS = ("SM+LN+G", "SM+LN+R", "SM+ScFuFFN", "SM(t)+ScFuFFN", "SM+ScFFN", "SM+G", "SM")
 
 
-def test_the_shipped_constants_cover_both_settings_and_every_kind():
+def test_the_shipped_constants_cover_every_settings_preset_and_every_kind():
+    from piformer.pi.spu_backend import SETTINGS_PRESETS
+
     fits = load_costs()["fits"]
-    for name in ("default", "optimised"):
+    for name in SETTINGS_PRESETS:
         fit = fits[cost_key(SPUSettings.preset(name))]
         assert set(fit["kinds"]) == set(FEATURES)
         for kind, quantities in fit["kinds"].items():
@@ -89,6 +91,15 @@ def test_the_cli_prints_the_estimate_as_text_and_json(capsys):
     assert main(["pi-cost", "--preset", "SM+ScFuFFN", "--secure", "--json", "--seq-len", "64"]) == 0
     d = json.loads(capsys.readouterr().out)["secure_estimate"]
     assert d["seq_len"] == 64 and d["total_bytes"] > 0 and set(d["latency"]) == {"LAN", "WAN"}
+
+
+def test_the_lsb_error_setting_is_priced_apart_and_cheaper():
+    """`optimised-lsb-error` (cheaper products, wrong values in SPU 0.9.5) has its own constants:
+    pricing it must not borrow the `optimised` fit, and its products are the cheaper ones."""
+    cfg = ModelConfig.from_preset("SM+LN+R", size="gpt2-small")
+    safe, unsafe = (estimate(cfg, 128, SPUSettings.preset(n)) for n in ("optimised", "optimised-lsb-error"))
+    assert safe.settings_key != unsafe.settings_key
+    assert unsafe.total("bytes") < safe.total("bytes")
 
 
 @pytest.mark.spu
