@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from piformer.fileio import atomic_write_text  # noqa: E402
+from piformer.pi.spu_backend import SETTINGS_PRESETS  # noqa: E402
 
 PIFORMER = [sys.executable, "-m", "piformer.cli"]
 
@@ -91,7 +92,7 @@ def measure(preset: str, args, results: dict, layers: int | None = None) -> None
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["SM+ScFuFFN", "SM+LN+R"])
-    p.add_argument("--settings", default="optimised", choices=("default", "optimised", "optimised-lsb-error"))
+    p.add_argument("--settings", default="optimised", choices=tuple(SETTINGS_PRESETS))
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=100, help="training steps per model (a short run: trained logits)")
     p.add_argument("--batch", type=int, default=8, help="sequences per training step")

@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from piformer.fileio import atomic_write_text
+from piformer.pi.spu_backend import SETTINGS_PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = ROOT / "results/pi/spu_cost_measurements.json"
 VALIDATION = ROOT / "results/pi/estimator_validation.json"
 HELD_OUT_MEASURED = ROOT / "results/pi/estimator_holdout_measurements.json"
 COSTS = ROOT / "src/piformer/pi/spu_costs.json"
-SETTINGS = ("default", "optimised", "optimised-lsb-error")
+SETTINGS = tuple(SETTINGS_PRESETS)  # every preset gets its own fitted constants
 
 # (preset, n_layer, n_embd, n_head, T, vocab, chunk): the fit uses one block per run; the three
 # presets between them contain every step kind (GELU, ReLU, temperature, fused FFN, beta, LN).

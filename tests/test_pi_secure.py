@@ -385,3 +385,17 @@ def test_logits_beyond_the_exponentials_range_are_named_and_clipping_fixes_them(
     assert not clipped.accuracy["exp_out_of_range"]
     assert clipped.accuracy["within_tolerance"], clipped.accuracy
     assert clipped.accuracy["max_abs_logit_error"] < plain.accuracy["max_abs_logit_error"]
+
+
+def test_each_argmax_disagreement_carries_plaintexts_top2_gap():
+    """A flipped prediction where plaintext's two best logits are nearly tied is fixed-point
+    imprecision, not a wrong value: the accuracy names every disagreement with that gap."""
+    from piformer.pi.secure import _accuracy
+
+    plain = np.array([[1.0, 0.9997, 0.0], [0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    secure = plain + np.array([[-0.002, 0.002, 0.0], [0.0, 0.0, 0.0], [-2.5, 0.0, 0.0]])
+    a = _accuracy(secure, plain, SPUSettings())
+    assert [d["position"] for d in a["argmax_disagreements"]] == [0, 2]
+    assert a["argmax_disagreements"][0]["plaintext_top2_gap"] == pytest.approx(0.0003)
+    assert a["argmax_disagreements"][1]["plaintext_top2_gap"] == pytest.approx(2.0)
+    assert a["argmax_agreement"] == pytest.approx(1 / 3)

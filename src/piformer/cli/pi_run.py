@@ -11,8 +11,6 @@ from piformer.pi.spu_backend import SETTINGS_PRESETS
 
 from ._types import positive_float, positive_int
 
-SETTINGS_NAMES = tuple(SETTINGS_PRESETS)
-
 NAME = "pi-run"
 HELP = ("run a checkpoint under two-party secure inference (SPU): communication, messages and time "
         "per operator class, agreement with plaintext, LAN/WAN latency")
@@ -22,7 +20,7 @@ def add_spu_arguments(p: argparse.ArgumentParser) -> None:
     """SPU options shared by pi-run and pi-query."""
     g = p.add_argument_group("SPU")
     g.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"), help="2PC protocol (default cheetah)")
-    g.add_argument("--settings", default="default", choices=SETTINGS_NAMES,
+    g.add_argument("--settings", default="default", choices=tuple(SETTINGS_PRESETS),
                    help="'default': SPU 0.9.5 as shipped; 'optimised': denominator broadcast and EMP Ferret OT; "
                         "'optimised-lsb-error': also CHEETAH's mul LSB error, which returns wrong values in "
                         "SPU 0.9.5 (cost studies only; see docs/private_inference.md)")

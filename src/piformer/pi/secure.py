@@ -353,8 +353,14 @@ def _accuracy(secure: np.ndarray, plain: np.ndarray, settings: SPUSettings,
         clip = settings.exp_clip
         span = {"softmax_input_span": softmax_span,
                 "exp_out_of_range": softmax_span > jf.EXP_VALID_RANGE and (clip is None or clip > jf.EXP_VALID_RANGE)}
+    # A flip where plaintext's top two logits are closer than the fixed-point error is a tie
+    # broken the other way, not a wrong value: each disagreement carries plaintext's top-2 gap.
+    top2 = np.sort(plain, axis=-1)[..., -2:]
+    flips = np.flatnonzero(secure.argmax(-1) != plain.argmax(-1))
     return {
         **span,
+        "argmax_disagreements": [{"position": int(j), "plaintext_top2_gap": float(top2[j, 1] - top2[j, 0])}
+                                 for j in flips],
         "max_abs_logit_error": worst,
         "mean_abs_logit_error": float(err.mean()),
         "max_abs_logit": float(np.abs(plain).max()),

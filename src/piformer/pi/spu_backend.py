@@ -65,8 +65,8 @@ class SPUSettings:
     """CHEETAH's OT extension: YACL_Ferret (default), EMP_Ferret (same bytes, fewer messages)."""
     mul_lsb_error: bool = False
     """CHEETAH: allow a 1-bit error in the low bit of products (cheaper multiplications).
-    In SPU 0.9.5 it also makes whole 8,192-slot batches of squarings come back as garbage, about
-    one exponential in a few (docs/private_inference.md, 'Wrong values'): only for cost studies."""
+    In SPU 0.9.5 it also makes whole 8,192-slot batches of squarings come back as garbage: 10 of
+    196 exponentials of 12x128x128 (docs/private_inference.md, 'Wrong values'): cost studies only."""
     exp_clip: float | None = None
     """Program-level: clamp softmax inputs x - max to >= -exp_clip before the exponential."""
 
