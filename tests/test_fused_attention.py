@@ -1,13 +1,15 @@
 """The fused attention-with-entropy path against the explicit (B, H, T, T) path, its oracle."""
 
 import math
+import shutil
 import warnings
 
 import pytest
 import torch
 
 from piformer import attention
-from piformer.attention import attention_with_entropy, fused_entropy_unsupported
+from piformer.attention import KERNELS, attention_with_entropy, entropy_kernel, fused_entropy_unsupported
+from piformer.kernels import KernelUnavailable
 from piformer.config import ARCH_PRESETS, ModelConfig, RegLoss
 from piformer.model import ENTROPY, EXPLICIT, PiGPT
 
@@ -76,9 +78,11 @@ def test_loss_entropies_and_every_gradient_match_the_explicit_path(preset):
         torch.testing.assert_close(g_f[name], g_e[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("preset", ["SM+LN+G", "EReg(SM(t)+ScFuFFN)"])
-def test_row_entropies_and_their_gradients_match_per_row(preset):
+def test_row_entropies_and_their_gradients_match_per_row(preset, kernel, monkeypatch):
     """One attention layer, random upstream gradients on the output and on every row's entropy."""
+    monkeypatch.setenv(attention.KERNEL_ENV, kernel)
     model = random_model(preset)
     attn = model.transformer.h[0].attn
     x = torch.randn(2, model.config.block_size, model.config.n_embd, requires_grad=True)
@@ -97,14 +101,16 @@ def test_row_entropies_and_their_gradients_match_per_row(preset):
         torch.testing.assert_close(res[ENTROPY][3][name], g, **TOL)
 
 
-def test_kernel_agrees_with_float64_reference_including_row_zero():
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("T", [1, 24, 64, 150])  # the C++ kernel's query tiles are 64 rows
+def test_kernel_agrees_with_float64_reference_including_row_zero(kernel, T):
     """Peaked and flat rows, against an independent float64 computation; row 0 has entropy 0."""
     torch.manual_seed(3)
-    q, k, v = (torch.randn(2, 3, 24, 8, dtype=torch.float64) * s for s in (4.0, 1.0, 1.0))
+    q, k, v = (torch.randn(2, 3, T, 8, dtype=torch.float64) * s for s in (4.0, 1.0, 1.0))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    y, ent = attention_with_entropy(q, k, v)
+    y, ent = attention_with_entropy(q, k, v, kernel=kernel)
     s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
-    s = s.masked_fill(~torch.ones(24, 24, dtype=torch.bool).tril(), float("-inf"))
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     logp = s.log_softmax(-1)
     p = logp.exp()
     ref_ent = -(p * logp.nan_to_num(neginf=0.0)).sum(-1)
@@ -149,6 +155,60 @@ def test_fallbacks_warn_once_and_match_where_they_apply(monkeypatch):
     assert len(messages) == 1 and "dropout" in messages[0], messages
     with pytest.raises(ValueError, match="dtype"):
         attention_with_entropy(*(torch.zeros(1, 1, 4, 2, dtype=torch.float16),) * 3)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on PATH: the C++ kernel cannot be built")
+def test_the_cpp_kernel_builds_and_is_the_default_where_a_compiler_exists(monkeypatch):
+    monkeypatch.delenv(attention.KERNEL_ENV, raising=False)
+    assert entropy_kernel() == "cpp"
+
+
+def test_an_unknown_kernel_is_refused_with_the_valid_names(monkeypatch):
+    monkeypatch.setenv(attention.KERNEL_ENV, "triton")
+    with pytest.raises(ValueError, match="'triton'.*valid: cpp, flash"):
+        attention_with_entropy(*(torch.zeros(1, 1, 4, 2),) * 3)
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_to_flash_once_with_the_reason(monkeypatch):
+    def no_compiler(source):
+        raise KernelUnavailable("building csrc/entropy_attention.cpp failed: c++: not found")
+
+    monkeypatch.delenv(attention.KERNEL_ENV, raising=False)
+    monkeypatch.setattr(attention, "load_kernel", no_compiler)
+    monkeypatch.setattr(attention, "_warned", set())
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 4) for _ in range(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [attention_with_entropy(q, k, v) for _ in range(3)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "c++: not found" in messages[0] and "flash" in messages[0], messages
+    want = attention_with_entropy(q, k, v, kernel="flash")
+    for y, ent in got:
+        torch.testing.assert_close(y, want[0])
+        torch.testing.assert_close(ent, want[1])
+
+
+def test_a_missing_kernel_source_is_reported_not_crashed():
+    with pytest.raises(KernelUnavailable, match="no_such_kernel"):
+        attention.load_kernel("no_such_kernel")
+
+
+def test_the_kernels_agree_on_strided_inputs_as_the_model_lays_them_out():
+    """q, k and v as views into one projection (B, T, H, ...) -> (B, H, T, ...), not contiguous."""
+    torch.manual_seed(4)
+    B, T, H, D = 3, 100, 4, 16
+    qkv = torch.randn(B, T, 3 * H * D, dtype=torch.float64, requires_grad=True)
+    outs = {}
+    for kernel in KERNELS:
+        q = qkv[..., : H * D].view(B, T, H, D).transpose(1, 2)
+        kv = qkv[..., H * D :].view(B, T, H, 2 * D).transpose(1, 2)
+        assert not q.is_contiguous() and not kv.is_contiguous()
+        y, ent = attention.attention_with_entropy_kv(q, kv, kernel=kernel)
+        (g,) = torch.autograd.grad((y * y).sum() + (ent * torch.arange(T)).sum(), qkv)
+        outs[kernel] = (y, ent, g)
+    for a, b in zip(outs["cpp"], outs["flash"]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 def test_collapsed_attention_never_reports_a_negative_entropy():

@@ -6,36 +6,51 @@ For row i with logits s_ij = scale * q_i . k_j and p_i = softmax(s_i) over the c
 
     H_i = -sum_j p_ij log p_ij = lse_i - sum_j p_ij s_ij = lse_i - scale * q_i . (P K)_i,
 
-so one fused attention pass whose values are [K | V] gives P K, the output P V and the
-log-sum-exp lse: the entropy needs no probability matrix. On the CPU that pass is PyTorch's
-flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`), which works in query and key
-tiles, keeps O(B H T D) for backward (its output and lse) and recomputes P in its backward.
+so an attention pass that forms P K beside P V and keeps the log-sum-exp lse gives the entropy
+with no probability matrix. Backward: H_i depends on row i's logits alone, with
+dH_i/ds_ij = -p_ij (s_ij - E_i[s]), so with upstream gradients dy and dH the logits' gradient is
 
-The kernel wants one head width for queries, keys and values, so the pass runs at width 2D with
-queries [q | 0] and one tensor kv = [k | v] as both keys and values: [q | 0] . [k_j | v_j] = q . k_j.
+    dS_ij = p_ij (dy_i . v_j - dH_i s_ij - c_i),   c_i = dy_i . y_i - dH_i E_i[s],
+
+and dQ = scale dS K, dK = scale dS^T Q, dV = P^T dy as in any attention backward.
+
+Two kernels compute this, both exact (the explicit path in model.py is their test oracle):
+
+- "cpp" (csrc/entropy_attention.cpp, compiled for this machine at first use, about 30 s, then
+  cached by torch.utils.cpp_extension): per (batch, head), query rows in blocks of 64 meet only
+  their causal keys; one probability tile feeds both P V and P K at head width D, and backward
+  recomputes it from the saved lse. Keeps O(B H T D) for backward. The default.
+- "flash": PyTorch's CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`). It
+  wants one head width for queries, keys and values, so the pass runs at width 2D with queries
+  [q | 0] and one tensor kv = [k | v] as both keys and values: [q | 0] . [k_j | v_j] = q . k_j,
+  and its output is P [K | V]. Its backward, fed dO = [-scale dH_i q_i | dy], forms exactly the
+  dS above (dO V'^T gains -dH_i s_ij, its D_i gains -dH_i E_i[s]); of its dV, the keys' half
+  belongs to no real input and is dropped. About twice SDPA's cost (the zero half and the
+  padded products); used where the C++ kernel cannot be built, or when asked for with
+  PIFORMER_ENTROPY_KERNEL=flash.
+
 A caller that projects k and v with one matmul laid out per head as [k_h | v_h] (PiGPT does)
-hands the kernel that projection's output as is (`attention_with_entropy_kv`).
+hands that projection's output to `attention_with_entropy_kv` as is.
 
-Backward. H_i is a function of row i's logits alone, dH_i/ds_ij = -p_ij (s_ij - E_i[s]). The
-kernel's backward forms dS = P o (dO V'^T - D) with D_i = sum_c dO_ic out_ic. Feeding it
-dO = [-scale * dH_i * q_i | dy] adds -dH_i s_ij to dO V'^T and -dH_i E_i[s] to D: exactly dH's
-term of dS, so its dQ and dK (the keys' half) are the full gradients. Of its dV, the values' half
-is v's gradient; the keys' half (K as a value) belongs to no real input and is dropped: the
-entropy depends on K only through the logits, already in dK.
-
-`fused_entropy_unsupported(q, dropout_p)` says why the fused pass cannot run (another device,
-a half-precision dtype, dropout on the probabilities); callers then fall back to the explicit
+`fused_entropy_unsupported(q, dropout_p)` says why neither kernel can run (another device, a
+half-precision dtype, dropout on the probabilities); callers then fall back to the explicit
 path and say so once (`warn_fallback_once`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from .kernels import KernelUnavailable, load_kernel
+
+KERNELS = ("cpp", "flash")
+KERNEL_ENV = "PIFORMER_ENTROPY_KERNEL"  # force one of KERNELS (benchmarks compare them)
+_QUERY_BLOCK = 64  # query rows per tile of the C++ kernel: measured fastest of 32/64/128 at T=128 and 1024
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _FUSED_DTYPES = (torch.float32, torch.float64)
@@ -53,6 +68,29 @@ def fused_entropy_unsupported(q: torch.Tensor, dropout_p: float = 0.0) -> str | 
     return None
 
 
+def entropy_kernel(requested: str | None = None) -> str:
+    """Which kernel `attention_with_entropy` runs: `requested`, else $PIFORMER_ENTROPY_KERNEL, else
+    "cpp" when it builds here; "flash" otherwise (the build failure is said once)."""
+    choice = requested or os.environ.get(KERNEL_ENV) or "cpp"
+    if choice not in KERNELS:
+        raise ValueError(f"unknown entropy attention kernel {choice!r} (from {KERNEL_ENV} or the caller); "
+                         f"valid: {', '.join(KERNELS)}")
+    if choice == "cpp":
+        try:
+            load_kernel("entropy_attention")
+        except KernelUnavailable as e:
+            _warn_once(f"attention entropy: the C++ kernel is unavailable ({e}); using PyTorch's flash "
+                       "kernel at width 2D instead (exact, about 1.7x slower per attention)")
+            return "flash"
+    return choice
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
 def warn_fallback_once(reason: str) -> None:
     """One warning per distinct reason per process: the explicit path keeps (B, H, T, T) for backward."""
     if reason not in _warned:
@@ -63,6 +101,35 @@ def warn_fallback_once(reason: str) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _CppAttentionWithEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, scale: float):
+        D = q.shape[-1]
+        q = _unit_last_stride(q)
+        k, v = kv[..., :D], kv[..., D:]  # views, (B, H, T, D) each
+        y, ent, lse, es = load_kernel("entropy_attention").forward(q, k, v, scale, _QUERY_BLOCK)
+        ctx.save_for_backward(q, kv, y, lse, es)  # O(B H T D): no probabilities
+        ctx.scale = scale
+        return y, ent
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor | None, dent: torch.Tensor | None):
+        q, kv, y, lse, es = ctx.saved_tensors
+        D = q.shape[-1]
+        dy = torch.zeros_like(y) if dy is None else _unit_last_stride(dy)
+        dent = torch.zeros_like(lse) if dent is None else dent.contiguous()
+        dq = torch.empty_like(y)
+        dkv = torch.empty(kv.shape, dtype=kv.dtype)  # the kernel writes every element
+        load_kernel("entropy_attention").backward(
+            dy, dent, q, kv[..., :D], kv[..., D:], y, lse, es, ctx.scale, _QUERY_BLOCK, dq, dkv[..., :D], dkv[..., D:]
+        )
+        return dq, dkv, None
 
 
 class _FlashAttentionWithEntropy(torch.autograd.Function):
@@ -97,7 +164,7 @@ class _FlashAttentionWithEntropy(torch.autograd.Function):
 
 
 def attention_with_entropy_kv(
-    q: torch.Tensor, kv: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, kv: torch.Tensor, scale: float | None = None, kernel: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_with_entropy` with keys and values in one (B, H, T, 2D) tensor, [k | v] per head."""
     reason = fused_entropy_unsupported(q)
@@ -107,15 +174,19 @@ def attention_with_entropy_kv(
         raise ValueError(f"attention_with_entropy: kv must be (B, H, T, 2D) for q {tuple(q.shape)}, got {tuple(kv.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _FlashAttentionWithEntropy.apply(q, kv, scale)
+    if kv.stride(-1) != 1:
+        kv = kv.contiguous()
+    fn = _CppAttentionWithEntropy if entropy_kernel(kernel) == "cpp" else _FlashAttentionWithEntropy
+    return fn.apply(q, kv, scale)
 
 
 def attention_with_entropy(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, kernel: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal softmax attention and each row's entropy (nats), fused; differentiable in q, k, v.
 
     q, k, v: (B, H, T, D) on the CPU, float32 or float64 (check `fused_entropy_unsupported`).
-    scale defaults to 1/sqrt(D). Returns y (B, H, T, D) and the row entropies (B, H, T).
+    scale defaults to 1/sqrt(D); kernel is one of KERNELS (default: see `entropy_kernel`).
+    Returns y (B, H, T, D) and the row entropies (B, H, T).
     """
-    return attention_with_entropy_kv(q, torch.cat([k, v], -1), scale)
+    return attention_with_entropy_kv(q, torch.cat([k, v], -1), scale, kernel)
