@@ -88,19 +88,13 @@ def entropy_kernel(requested: str | None = None) -> str:
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def warn_fallback_once(reason: str) -> None:
     """One warning per distinct reason per process: the explicit path keeps (B, H, T, T) for backward."""
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(
-            f"attention entropy: using the explicit (B, H, T, T) path because of {reason}; "
-            "memory grows with T^2 and the step is slower",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    _warn_once(f"attention entropy: using the explicit (B, H, T, T) path because of {reason}; "
+               "memory grows with T^2 and the step is slower")
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:

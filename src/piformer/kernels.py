@@ -31,10 +31,13 @@ class KernelUnavailable(RuntimeError):
     """A C++ kernel could not be built or loaded here; the message says why."""
 
 
-def _build_root() -> Path:
-    from torch.utils.cpp_extension import get_default_build_root
+def _already_built(name: str) -> bool:
+    try:  # where torch.utils.cpp_extension keeps it (a private helper; a guess of False only costs a message)
+        from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:
+        return False
 
 
 _loaded: dict[str, object] = {}  # source -> module, or the KernelUnavailable its build raised
@@ -62,7 +65,7 @@ def _build(source: str):
         from torch.utils.cpp_extension import load
     except ImportError as e:  # pragma: no cover - torch always ships it
         raise KernelUnavailable(f"torch.utils.cpp_extension is missing ({e})") from e
-    fresh = not (_build_root() / name).is_dir()
+    fresh = not _already_built(name)
     if fresh:
         print(f"piformer: compiling the {source} kernel for this CPU ({capability}), once; about 30 s",
               file=sys.stderr, flush=True)

@@ -85,7 +85,7 @@ void forward_kernel(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor
   T* ent = ent_.data_ptr<T>();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     ThreadLocalBlas one_thread;
-    std::vector<T> S(block * Tn), PK(block * D);
+    std::vector<T> S(block * Tn), PK(block * D), inv(block);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const T *Q = q.at(b, h), *K = k.at(b, h), *V = v.at(b, h);
@@ -97,10 +97,24 @@ void forward_kernel(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor
           T* s = S.data() + r * nk;
           const int64_t n = i0 + r + 1;  // keys 0..i
           const T m = at::vec::reduce_all<T>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, s, n);
-          at::vec::map([m](Vec x) { return (x - Vec(m)).exp(); }, s, s, n);
-          const T l = at::vec::reduce_all<T>([](Vec a, Vec b) { return a + b; }, s, n);
-          const T inv = T(1) / l;
-          at::vec::map([inv](Vec x) { return x * Vec(inv); }, s, s, n);
+          // Unnormalised p = exp(s - m) and its sum in one pass; 1/sum scales the D-wide products
+          // below rather than the n-wide row.
+          const Vec vm(m);
+          Vec acc(0);
+          int64_t j = 0;
+          for (; j + Vec::size() <= n; j += Vec::size()) {
+            const Vec p = (Vec::loadu(s + j) - vm).exp();
+            p.store(s + j);
+            acc = acc + p;
+          }
+          if (j < n) {
+            const int64_t rest = n - j;
+            const Vec p = (Vec::loadu(s + j, rest) - vm).exp();
+            p.store(s + j, rest);
+            acc = acc + Vec::set(Vec(0), p, rest);
+          }
+          const T l = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc);
+          inv[r] = T(1) / l;
           std::fill(s + n, s + nk, T(0));
           lse[bh * Tn + i0 + r] = m + std::log(l);
         }
@@ -108,7 +122,9 @@ void forward_kernel(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor
         gemm<T>(false, false, bq, D, nk, T(1), S.data(), nk, K, k.st, T(0), PK.data(), D);
         for (int64_t r = 0; r < bq; ++r) {
           const int64_t i = bh * Tn + i0 + r;
-          es[i] = scale * dot(Q + (i0 + r) * q.st, PK.data() + r * D, D);
+          T* yr = Y + (i0 + r) * y.st;
+          for (int64_t c = 0; c < D; ++c) yr[c] *= inv[r];
+          es[i] = scale * inv[r] * dot(Q + (i0 + r) * q.st, PK.data() + r * D, D);
           // A difference of two terms as large as the logits: when attention has collapsed the
           // rounding can leave it a little below 0; an entropy is >= 0.
           ent[i] = std::max(lse[i] - es[i], T(0));
