@@ -67,14 +67,61 @@ def test_features_are_the_steps_shapes():
     cfg = ModelConfig.from_preset("SM+LN+G", size="tiny", n_embd=64, n_head=4, vocab_size=300, block_size=16)
     program = jf.build_program(cfg, 16, vocab_chunk=128)
     feats = {s.name: step_features(s, program, cfg) for s in program.steps if step_kind(s.key)}
-    assert feats["embed.0"] == {"T*C": 16 * 128, "C*d": 128 * 64, "T*d": 16 * 64, "one": 1}
-    assert feats["embed.2"]["T*C"] == 16 * 44  # the last chunk: 300 - 2 * 128
-    assert feats["h0.softmax"] == {"H*T*T": 4 * 16 * 16, "H*T": 4 * 16, "one": 1}
-    assert feats["h0.fc"] == {"T*k": 16 * 64, "T*n": 16 * 256, "k*n": 64 * 256, "one": 1}
-    assert feats["h0.ffn_out"] == {"T*k": 16 * 256, "T*n": 16 * 64, "k*n": 256 * 64, "one": 1}
-    assert feats["h0.act"] == {"T*n": 16 * 256, "one": 1}
-    assert feats["head.1"] == {"rows*d": 16 * 64, "rows*C": 16 * 128, "d*C": 64 * 128, "one": 1}
-    assert feats["ln_f"]["rows"] == 16
+    assert feats["embed.0"] == {"ct_sent": 1, "ct_back": 1, "lwe_back": 0, "T*d": 16 * 64, "one": 1}
+    # per head, both cross terms of q k^T: 8 DotOLEs whose 16 x 16 results come back unpacked
+    assert feats["h0.scores"] == {"ct_sent": 8, "ct_back": 0, "lwe_back": 8 * 16 * 16, "H*T*T": 4 * 16 * 16, "one": 1}
+    # 1,024 values: one HE batch for the exponential's squarings, Beaver triples for the products
+    assert feats["h0.softmax"] == {"sq_batches": 1, "mul_batches": 0, "beaver": 1024, "H*T*T": 1024, "H*T": 64,
+                                   "clip": 0, "one": 1}
+    assert feats["h0.fc"]["T*n"] == 16 * 256 and feats["h0.ffn_out"]["T*n"] == 16 * 64
+    assert feats["h0.act"] == {"sq_batches": 1, "mul_batches": 0, "beaver": 16 * 256, "T*n": 16 * 256, "one": 1}
+    assert feats["head.2"]["rows*C"] == 16 * 44  # the last chunk: 300 - 2 * 128
+    assert feats["ln_f"]["rows"] == 16 and feats["ln_f"]["ole_batches"] == 1
+    clipped = jf.build_program(cfg, 16, vocab_chunk=128, exp_clip=20.0)
+    softmax = next(s for s in clipped.steps if s.name == "h0.softmax")
+    assert step_features(softmax, clipped, cfg)["clip"] == 1024
+
+
+def test_he_batches_are_counted_as_spu_counts_them():
+    """SquareA splits long vectors in two halves of 8,192-slot batches; MulAA uses Beaver
+    triples below 2 x 8,192 values and HE batches from there; MulAV one batch per 8,192."""
+    from piformer.pi.estimate import beaver_values, mul_batches, ole_batches, square_batches
+
+    assert [square_batches(n) for n in (1, 8192, 8193, 16384, 16385, 196608)] == [1, 1, 2, 2, 3, 24]
+    assert [mul_batches(n) for n in (8192, 16383, 16384, 16385, 196608)] == [0, 0, 2, 3, 24]
+    assert beaver_values(16383) == 16383 and beaver_values(16384) == 0
+    assert [ole_batches(n) for n in (1, 8192, 8193, 98304)] == [1, 1, 2, 12]
+
+
+def test_matrix_products_are_partitioned_as_spu_partitions_them():
+    """SPU's sub-block search: every block fits one 8,192-coefficient polynomial; GPT-2's
+    128 x 768 x 768 projection sends 12 and gets back 12 packed ciphertexts (measured: 5.58 MB
+    per product, 232 kB a ciphertext, as its 24 ciphertexts of q k^T per head pair suggest)."""
+    from piformer.pi.estimate import _submat_shape, dot_ciphertexts
+
+    for m, k, n in [(128, 768, 768), (128, 64, 128), (16, 128, 64), (1, 768, 4096), (8, 32, 128), (200, 300, 50)]:
+        d0, d1, d2 = _submat_shape(m, k, n, False)
+        assert d0 * d1 * d2 <= 8192 and d0 <= m and d1 <= max(k, 1) * 2 and d2 <= n
+        sent, back, values = dot_ciphertexts(m, k, n)
+        assert sent >= 1 and (back >= 1) != (values > 0)
+    assert dot_ciphertexts(128, 768, 768) == (12, 12, 0)
+    assert dot_ciphertexts(128, 64, 128) == (1, 2, 0)
+    assert dot_ciphertexts(16, 16, 4) == (1, 0, 64)  # one result ciphertext: returned unpacked
+
+
+def test_predicted_cost_steps_with_he_batches():
+    """The quantisation is in the prediction: softmax bytes stay nearly flat while the
+    attention matrix fills the same HE batches, and jump when it needs more."""
+    s = SPUSettings.preset("optimised")
+
+    def softmax_mb(T):
+        cfg = ModelConfig.from_preset("SM+LN+R", size="tiny", n_embd=64, n_head=2, block_size=T, vocab_size=128)
+        return estimate(cfg, T, s, vocab_chunk=128).per_kind["softmax"]["bytes"] / cfg.n_layer / 1e6
+
+    # H T^2 = 2 * 90^2 = 16,200 (1 + 1 batches, Beaver products) vs 2 * 91^2 = 16,562 (2 + 2 HE batches)
+    flat = softmax_mb(89) / softmax_mb(88) - 1
+    jump = softmax_mb(91) / softmax_mb(90) - 1
+    assert jump > 5 * abs(flat) and jump > 0.05
 
 
 def test_settings_that_were_never_fitted_are_refused():
