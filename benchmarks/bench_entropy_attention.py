@@ -4,6 +4,7 @@ nanoGPT-style model, step time and memory as T grows, and entropy measurement be
     python benchmarks/bench_entropy_attention.py steps --size cpu-small --batch 16
     python benchmarks/bench_entropy_attention.py scaling --tokens 2048
     python benchmarks/bench_entropy_attention.py kernel --batch 16 --heads 8 --T 128 --head-dim 32
+    python benchmarks/bench_entropy_attention.py phases --size gpt2-small --batch 8 --cases reference baseline
     python benchmarks/bench_entropy_attention.py entropy --run results/cpu/runs/ereg-sm-t-scfuffn --data results/cpu/data
     python benchmarks/bench_entropy_attention.py entropy --size cpu-small --T 512 --batch 4   # untrained, random tokens
 
@@ -58,8 +59,9 @@ KERNEL = {"ereg": "cpp", "ereg-flash": "flash"}  # the entropy kernel each case 
 VOCAB = 8192
 
 
-def build(case: str, size: str, T: int, seed: int = 0):
-    """(model, step function) for one case; the step runs one optimisation step on (x, y)."""
+def build(case: str, size: str, T: int, seed: int = 0, phases: dict[str, float] | None = None):
+    """(model, step function) for one case; the step runs one optimisation step on (x, y).
+    With `phases`, each step also writes its forward, backward and optimizer seconds there."""
     torch.manual_seed(seed)
     cfg = ModelConfig.from_preset(CASES[case] or "SM+LN+G", size, vocab_size=VOCAB, block_size=T)
     if case == "reference":
@@ -78,11 +80,16 @@ def build(case: str, size: str, T: int, seed: int = 0):
     def step(x, y):
         if case in KERNEL:  # read at each call: cases taking turns in one process each get theirs
             os.environ[KERNEL_ENV] = KERNEL[case]
+        t0 = time.perf_counter()
         loss = loss_fn(x, y)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if phases is not None:
+            phases.update(forward=t1 - t0, backward=t2 - t1, optimizer=time.perf_counter() - t2)
         return loss.item()
 
     return model, step
@@ -106,6 +113,28 @@ def time_cases(cases, size, B, T, steps, warmup):
             if i >= warmup:
                 times[c].append(time.perf_counter() - t0)
     return {c: statistics.median(v) for c, v in times.items()}
+
+
+def cmd_phases(args) -> None:
+    """Each case's step split into forward, backward and optimizer (clip + AdamW), interleaved."""
+    header(args)
+    T = args.T or 128
+    last = {c: {} for c in args.cases}
+    runs = {c: build(c, args.size, T, phases=last[c])[1] for c in args.cases}
+    x, y = batch(args.batch, T)
+    times = {c: {"forward": [], "backward": [], "optimizer": []} for c in args.cases}
+    for i in range(args.warmup + args.steps):
+        for c in args.cases:
+            runs[c](x, y)
+            if i >= args.warmup:
+                for k, v in last[c].items():
+                    times[c][k].append(v)
+    print(f"\nsize {args.size}, T={T}, batch {args.batch}: median ms of {args.steps} interleaved steps after {args.warmup} warm-up\n")
+    print("| case | forward | backward | optimizer | step |")
+    print("|---|---:|---:|---:|---:|")
+    for c in args.cases:
+        med = {k: statistics.median(v) * 1e3 for k, v in times[c].items()}
+        print(f"| {c} | {med['forward']:.1f} | {med['backward']:.1f} | {med['optimizer']:.1f} | {sum(med.values()):.1f} |")
 
 
 def _status_kib(field: str) -> int:
@@ -283,6 +312,9 @@ def main() -> None:
     p = sub.add_parser("steps", parents=[common], help="every case at one shape")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--T", type=int, default=None, help="context (default 128)")
+    p = sub.add_parser("phases", parents=[common], help="each case's step split into forward, backward, optimizer")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--T", type=int, default=None, help="context (default 128)")
     p = sub.add_parser("scaling", parents=[common], help="T = 128..1024 at a fixed number of tokens per step")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
@@ -304,7 +336,7 @@ def main() -> None:
     p.add_argument("--T", type=int, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    {"steps": cmd_steps, "scaling": cmd_scaling, "entropy": cmd_entropy, "kernel": cmd_kernel,
+    {"steps": cmd_steps, "phases": cmd_phases, "scaling": cmd_scaling, "entropy": cmd_entropy, "kernel": cmd_kernel,
      "_memory": _memory_worker}[args.cmd](args)
 
 
