@@ -265,20 +265,20 @@ def cmd_kernel(args) -> None:
     """The attention alone, forward + backward: SDPA (the twin) against the fused entropy pass."""
     import torch.nn.functional as F
 
-    from piformer.attention import attention_with_entropy_kv
+    from piformer.attention import attention_with_entropy
 
     header(args)
     B, H, T, D = args.batch, args.heads, args.T, args.head_dim
-    qkv = torch.randn(B, T, H, 3 * D, requires_grad=True)  # q | k v per head, as PiGPT lays it out
-    q, kv = qkv[..., :D].transpose(1, 2), qkv[..., D:].transpose(1, 2)
+    qkv = torch.randn(B, T, 3 * H * D, requires_grad=True)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, -1))  # strided, as PiGPT's
 
     def sdpa():
-        y = F.scaled_dot_product_attention(q, kv[..., :D], kv[..., D:], is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y.transpose(1, 2).sum().backward()
 
     def fused(kernel):
         def run():
-            y, ent = attention_with_entropy_kv(q, kv, kernel=kernel)
+            y, ent = attention_with_entropy(q, k, v, kernel=kernel)
             (y.transpose(1, 2).sum() + ent.sum()).backward()
         return run
 

@@ -195,16 +195,15 @@ def test_a_missing_kernel_source_is_reported_not_crashed():
 
 
 def test_the_kernels_agree_on_strided_inputs_as_the_model_lays_them_out():
-    """q, k and v as views into one projection (B, T, H, ...) -> (B, H, T, ...), not contiguous."""
+    """q, k and v as views into one (B, T, 3C) tensor transposed to (B, H, T, D), not contiguous."""
     torch.manual_seed(4)
     B, T, H, D = 3, 100, 4, 16
     qkv = torch.randn(B, T, 3 * H * D, dtype=torch.float64, requires_grad=True)
     outs = {}
     for kernel in KERNELS:
-        q = qkv[..., : H * D].view(B, T, H, D).transpose(1, 2)
-        kv = qkv[..., H * D :].view(B, T, H, 2 * D).transpose(1, 2)
-        assert not q.is_contiguous() and not kv.is_contiguous()
-        y, ent = attention.attention_with_entropy_kv(q, kv, kernel=kernel)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, -1))
+        assert not any(t.is_contiguous() for t in (q, k, v))
+        y, ent = attention_with_entropy(q, k, v, kernel=kernel)
         (g,) = torch.autograd.grad((y * y).sum() + (ent * torch.arange(T)).sum(), qkv)
         outs[kernel] = (y, ent, g)
     for a, b in zip(outs["cpp"], outs["flash"]):

@@ -55,9 +55,7 @@ def _by_hand(attn, x: torch.Tensor):
 @pytest.mark.parametrize("mode", [FAST, ENTROPY, EXPLICIT])
 def test_every_attention_path_is_the_hand_computed_causal_softmax(mode, bias):
     """All three paths equal attention built by hand from q_proj, k_proj, v_proj, with random
-    biases (kills _qkv_weights_40: k and v biases concatenated [k | v] instead of per head
-    [k_0 v_0 | k_1 v_1]) and without biases (_qkv_weights_32: the fused weight then has no
-    bias to build). A model without attn_temperature has no temperature dividing the scores
+    biases and without. A model without attn_temperature has no temperature dividing the scores
     (__init___34: a temperature always created)."""
     model = tiny(bias=bias).eval()
     _randomise(model)

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
-from .attention import attention_with_entropy_kv, fused_entropy_unsupported, warn_fallback_once
+from .attention import attention_with_entropy, fused_entropy_unsupported, warn_fallback_once
 from .config import ModelConfig, RegLoss
 from .entropy import entropy_penalty, outside_tolerance, softmax_with_entropy
 
@@ -106,15 +106,10 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         drop = self.dropout if self.training else 0.0
-        if mode == EXPLICIT:  # the oracle: three separate projections, as the paper writes them
-            q, k, v = (p(x).view(B, T, H, D).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            # One matmul for q, k and v (fewer, larger kernels, as nanoGPT's c_attn), with k and v
-            # laid out per head as [k_h | v_h]: the one tensor the entropy kernel takes for both.
-            qkv = F.linear(x, *self._qkv_weights())
-            q = qkv[..., :C].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-            kv = qkv[..., C:].view(B, T, H, 2 * D).transpose(1, 2)  # (B, H, T, 2D)
-            k, v = kv[..., :D], kv[..., D:]
+        # Three projections, not one concatenated (3C, C) weight: building that weight each call
+        # and splitting its gradient back cost ~4% of a gpt2-small step (docs/training.md), and
+        # every kernel below takes q, k and v as strided views.
+        q, k, v = (p(x).view(B, T, H, D).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.temperature is not None:
             # Dividing q by t[h, i] divides row i's logits by t: the same as softmax(qk / (t sqrt(D))),
             # and it keeps the fused kernels usable.
@@ -129,7 +124,7 @@ class CausalSelfAttention(nn.Module):
         if mode == FAST:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         elif mode == ENTROPY:
-            y, row_ent = attention_with_entropy_kv(q, kv, 1.0 / math.sqrt(D))  # (B, H, T, D), (B, H, T)
+            y, row_ent = attention_with_entropy(q, k, v, 1.0 / math.sqrt(D))  # (B, H, T, D), (B, H, T)
         else:
             logits = (q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)  # (B, H, T, T)
             # A finite fill (not -inf) makes masked probabilities exactly 0 with finite gradients.
@@ -138,17 +133,6 @@ class CausalSelfAttention(nn.Module):
             y = F.dropout(probs, drop, self.training).to(v.dtype) @ v  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), probs, row_ent
-
-    def _qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The q, k, v projections as one (3C, C) weight (and bias), rows [q | k_0 v_0 | k_1 v_1 | ...]
-        (per head h, k_h then v_h). Built from the three projections' (possibly weight- or
-        spectral-normalised) weights at each call, so parameters and gradients stay where they are."""
-        H, D = self.n_head, self.head_dim
-        (wq, wk, wv), (bq, bk, bv) = zip(*((p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj)))
-        C = wq.shape[1]
-        w = torch.cat([wq, torch.cat([wk.view(H, D, C), wv.view(H, D, C)], 1).view(2 * H * D, C)])
-        b = None if bq is None else torch.cat([bq, torch.cat([bk.view(H, D), bv.view(H, D)], 1).view(-1)])
-        return w, b
 
 
 class _Exp(nn.Module):
