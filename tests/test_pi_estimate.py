@@ -154,6 +154,11 @@ def test_the_cli_prints_the_estimate_as_text_and_json(capsys):
     assert main(["pi-cost", "--preset", "SM+ScFuFFN", "--secure", "--json", "--seq-len", "64"]) == 0
     d = json.loads(capsys.readouterr().out)["secure_estimate"]
     assert d["seq_len"] == 64 and d["total_bytes"] > 0 and set(d["latency"]) == {"LAN", "WAN"}
+    # the softmax's clip is priced (comparisons on every attention value), as pi-run --exp-clip runs it
+    assert main(["pi-cost", "--preset", "SM+ScFuFFN", "--secure", "--json", "--seq-len", "64", "--exp-clip", "20"]) == 0
+    clipped = json.loads(capsys.readouterr().out)["secure_estimate"]
+    assert clipped["per_kind"]["softmax"]["bytes"] > d["per_kind"]["softmax"]["bytes"]
+    assert clipped["per_kind"]["qkv"]["bytes"] == d["per_kind"]["qkv"]["bytes"]
 
 
 def test_the_lsb_error_setting_is_priced_apart_and_cheaper():

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --secure: vocabulary rows per embedding/head product, as pi-run (default 4096)")
     p.add_argument("--last-only", action="store_true",
                    help="with --secure: project and reveal only the last position's logits")
+    p.add_argument("--exp-clip", type=float, default=None,
+                   help="with --secure: price the softmax's clip of x - max at -CLIP, as pi-run --exp-clip")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -55,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
         from piformer.pi.estimate import estimate
         from piformer.pi.spu_backend import SPUSettings
 
-        secure = estimate(cfg, cost.seq_len, SPUSettings.preset(args.settings), vocab_chunk=args.vocab_chunk,
-                          last_only=args.last_only)
+        secure = estimate(cfg, cost.seq_len, SPUSettings.preset(args.settings, exp_clip=args.exp_clip),
+                          vocab_chunk=args.vocab_chunk, last_only=args.last_only)
 
     if args.json:
         out = cost.to_dict()
