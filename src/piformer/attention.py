@@ -17,7 +17,7 @@ and dQ = scale dS K, dK = scale dS^T Q, dV = P^T dy as in any attention backward
 Two kernels compute this, both exact (the explicit path in model.py is their test oracle):
 
 - "cpp" (csrc/entropy_attention.cpp, compiled for this machine at first use, about 30 s, then
-  cached by torch.utils.cpp_extension): per (batch, head), query rows in blocks of 64 meet only
+  cached by torch.utils.cpp_extension): per (batch, head), query rows in blocks of 32 meet only
   their causal keys; one probability tile feeds both P V and P K at head width D, and backward
   recomputes it from the saved lse. Keeps O(B H T D) for backward. The default.
 - "flash": PyTorch's CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`). It
@@ -50,7 +50,7 @@ from .kernels import KernelUnavailable, load_kernel
 
 KERNELS = ("cpp", "flash")
 KERNEL_ENV = "PIFORMER_ENTROPY_KERNEL"  # force one of KERNELS (benchmarks compare them)
-_QUERY_BLOCK = 64  # query rows per tile of the C++ kernel: measured fastest of 32/64/128 at T=128 and 1024
+_QUERY_BLOCK = 32  # query rows per tile of the C++ kernel: fastest or tied of 16-128 at T=128 (D=32, 64) and T=1024
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _FUSED_DTYPES = (torch.float32, torch.float64)
@@ -104,9 +104,9 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
 class _CppAttentionWithEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-        # Contiguous copies (O(B H T D)): the tiles' products then read consecutive rows, measured
-        # faster than the projection's rows 3C apart.
-        q, k, v = (t.contiguous() for t in (q, k, v))
+        # Read in place, strided as the projections left them: copying them contiguous first was
+        # measured slower in forward and in backward.
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
         y, ent, lse, es = load_kernel("entropy_attention").forward(q, k, v, scale, _QUERY_BLOCK)
         ctx.save_for_backward(q, k, v, y, lse, es)  # O(B H T D): no probabilities
         ctx.scale = scale
