@@ -6,8 +6,8 @@ For row i with logits s_ij = scale * q_i . k_j and p_i = softmax(s_i) over the c
 
     H_i = -sum_j p_ij log p_ij = lse_i - sum_j p_ij s_ij = lse_i - scale * q_i . (P K)_i,
 
-so an attention pass that forms P K beside P V and keeps the log-sum-exp lse gives the entropy
-with no probability matrix. Backward: H_i depends on row i's logits alone, with
+so an attention pass that sums p_ij s_ij (or forms P K) beside P V and keeps the log-sum-exp lse
+gives the entropy with no probability matrix. Backward: H_i depends on row i's logits alone, with
 dH_i/ds_ij = -p_ij (s_ij - E_i[s]), so with upstream gradients dy and dH the logits' gradient is
 
     dS_ij = p_ij (dy_i . v_j - dH_i s_ij - c_i),   c_i = dy_i . y_i - dH_i E_i[s],
@@ -18,8 +18,9 @@ Two kernels compute this, both exact (the explicit path in model.py is their tes
 
 - "cpp" (csrc/entropy_attention.cpp, compiled for this machine at first use, about 30 s, then
   cached by torch.utils.cpp_extension): per (batch, head), query rows in blocks of 32 meet only
-  their causal keys; one probability tile feeds both P V and P K at head width D, and backward
-  recomputes it from the saved lse. Keeps O(B H T D) for backward. The default.
+  their causal keys; the pass that exponentiates a tile also sums p_ij s_ij, so the forward does
+  SDPA's two products (Q K^T, P V) at head width D; backward recomputes P from the saved lse.
+  Keeps O(B H T D) for backward. The default.
 - "flash": PyTorch's CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`). It
   wants one head width for queries, keys and values, so the pass runs at width 2D with queries
   [q | 0] and one tensor kv = [k | v] as both keys and values: [q | 0] . [k_j | v_j] = q . k_j,
