@@ -24,7 +24,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 extern "C" {
@@ -218,7 +217,7 @@ std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, double
 void backward(at::Tensor dy, at::Tensor dent, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor y,
               at::Tensor lse, at::Tensor es, double scale, int64_t block, at::Tensor dq, at::Tensor dk,
               at::Tensor dv) {
-  for (auto [x, name] : {std::pair{&dy, "dy"}, {&k, "k"}, {&v, "v"}, {&y, "y"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
+  for (auto [x, name] : {std::pair{&dy, "dy"}, {&q, "q"}, {&k, "k"}, {&v, "v"}, {&y, "y"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
     check_heads(*x, name, q);
   TORCH_CHECK(dent.is_contiguous() && lse.is_contiguous() && es.is_contiguous(), "row tensors must be contiguous");
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "entropy_attention_backward", [&] {
