@@ -259,6 +259,11 @@ def cmd_entropy(args) -> None:
     for k, v in med.items():
         print(f"| {k} | {v:.2f} | {med['explicit (before)'] / v:.2f}x |")
     print(f"\nlargest difference between the fused and explicit (L, H) entropy tables: {diff:.2e} nats")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "run": args.run, "size": None if args.run else args.size, "T": T, "batch": args.batch,
+            "batches": len(batches), "repeats": args.repeats, "seconds": med,
+            "speedup": {k: med["explicit (before)"] / v for k, v in med.items()}, "max_abs_diff_nats": diff}, indent=1))
 
 
 def cmd_kernel(args) -> None:

@@ -11,6 +11,7 @@ saved as soon as it exists, and a rerun skips what is already saved.
     nohup python benchmarks/bench_pi_gpt2_e2e.py > out/bench_pi_gpt2_e2e.log 2>&1 &
     python benchmarks/bench_pi_gpt2_e2e.py --extrapolate   # also --layers 0 / 1: the x12 extrapolation, checked
     python benchmarks/bench_pi_gpt2_e2e.py --report-only   # the table in docs/private_inference.md
+    python benchmarks/bench_pi_gpt2_e2e.py --presets SM+LN+G --causal-pack   # the packed softmax
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def train_command(preset: str, out: Path, args) -> list[str]:
 
 def pi_command(run: Path, args, layers: int | None = None) -> list[str]:
     extra = ([] if layers is None else ["--layers", str(layers)]) + (
-        [] if args.exp_clip is None else ["--exp-clip", f"{args.exp_clip:g}"])
+        [] if args.exp_clip is None else ["--exp-clip", f"{args.exp_clip:g}"]) + (
+        ["--causal-pack"] if args.causal_pack else [])
     return PIFORMER + ["pi-run", str(run), "--seq-len", str(args.seq_len), "--settings", args.settings, "--json",
                        *extra]
 
@@ -70,7 +72,7 @@ def measure(preset: str, args, results: dict, layers: int | None = None) -> None
         if sh(["mkdir", "-p", str(run.parent)]).returncode or sh(train_command(preset, run, args)).returncode:
             raise SystemExit(f"training {preset} failed")
     key = (f"{preset}/{args.settings}/T{args.seq_len}" + ("" if args.exp_clip is None else f"/exp_clip={args.exp_clip:g}")
-           + ("" if layers is None else f"/layers{layers}"))
+           + ("/causal-pack" if args.causal_pack else "") + ("" if layers is None else f"/layers{layers}"))
     if key in results:
         print(f"{key}: saved already, skipped", flush=True)
         return
@@ -101,6 +103,8 @@ def main() -> None:
     p.add_argument("--results", default="results/pi/gpt2_e2e.json")
     p.add_argument("--exp-clip", type=float, default=None,
                    help="pi-run --exp-clip C (softmax-only models whose deep attention collapses need it)")
+    p.add_argument("--causal-pack", action="store_true",
+                   help="pi-run --causal-pack: each softmax exponentiates only its visible (causal) entries")
     p.add_argument("--extrapolate", action="store_true",
                    help="also run --layers 0 and --layers 1 of each checkpoint: the per-block extrapolation, checked")
     p.add_argument("--report-only", action="store_true")

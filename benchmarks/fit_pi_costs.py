@@ -72,6 +72,15 @@ FIT = [
     ("SM+LN+R", 1, 64, 4, 64, 128, 128, 20.0),
     ("SM(t)+ScFuFFN", 1, 96, 4, 96, 128, 128, 20.0),
     ("SM+LN+G", 1, 64, 2, 48, 128, 128, 20.0),
+    # the packed causal softmax (9th entry: causal_pack), lengths below, at and above its 32 groups
+    ("SM(t)+ScFuFFN", 1, 32, 2, 16, 64, 64, None, True),
+    ("SM(t)+ScFuFFN", 1, 32, 4, 48, 64, 64, None, True),
+    ("SM(t)+ScFuFFN", 1, 32, 2, 96, 64, 64, None, True),
+    ("SM(t)+ScFuFFN", 1, 48, 6, 64, 64, 64, None, True),
+    ("SM(t)+ScFuFFN", 1, 64, 8, 80, 64, 64, None, True),
+    ("SM(t)+ScFuFFN", 1, 48, 4, 112, 64, 64, None, True),
+    ("SM(t)+ScFuFFN", 1, 32, 4, 72, 64, 64, 20.0, True),
+    ("SM(t)+ScFuFFN", 1, 64, 8, 96, 64, 64, 20.0, True),
 ]
 # Held out: other depths, widths (up to 2x the fit's), lengths (up to 2x), and three presets
 # that are not in the fit at all.
@@ -94,6 +103,12 @@ TEST = [
     ("SM", 3, 72, 3, 100, 200, 100),
     ("SM+LN+R", 2, 288, 6, 76, 300, 150),
     ("SM+ScFuFFN", 2, 96, 4, 112, 200, 100, 20.0),
+    # the packed causal softmax: chosen with its features (2026-12-04), before any was measured;
+    # two presets not in the fit, and lengths the packed fit runs do not have
+    ("SM+LN+G", 2, 96, 6, 88, 200, 100, None, True),
+    ("SM+ScFuFFN", 3, 128, 8, 120, 300, 150, 20.0, True),
+    ("SM+LN+R", 2, 64, 4, 56, 250, 125, None, True),
+    ("SM+G", 2, 80, 5, 104, 150, 150, None, True),
 ]
 
 
@@ -107,6 +122,17 @@ def _cfg(case):
 def _exp_clip(case):
     """A case's optional 8th entry: the softmax's exp_clip (None: no clip)."""
     return case[7] if len(case) > 7 else None
+
+
+def _causal_pack(case) -> bool:
+    """A case's optional 9th entry: the packed causal softmax."""
+    return bool(case[8]) if len(case) > 8 else False
+
+
+def _settings(case, settings_name: str):
+    from piformer.pi.spu_backend import SPUSettings
+
+    return SPUSettings.preset(settings_name, exp_clip=_exp_clip(case), causal_pack=_causal_pack(case))
 
 
 def _model(case):
@@ -128,7 +154,8 @@ def _steps_with_features(run) -> list[dict]:
 
     case = run["case"]
     cfg = _cfg(case)
-    program = jf.build_program(cfg, case[4], vocab_chunk=case[6], exp_clip=_exp_clip(case))
+    program = jf.build_program(cfg, case[4], vocab_chunk=case[6], exp_clip=_exp_clip(case),
+                               causal_pack=_causal_pack(case))
     by_name = {s["name"]: s for s in run["steps"]}
     out = []
     for step in program.steps:
@@ -142,15 +169,14 @@ def _measure(case, settings_name: str):
     from piformer.pi import jax_forward as jf
     from piformer.pi.estimate import step_features, step_kind
     from piformer.pi.secure import run_secure
-    from piformer.pi.spu_backend import SPUSettings
 
     cfg, sd = _model(case)
     T, chunk = case[4], case[6]
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, T)
-    settings = SPUSettings.preset(settings_name, exp_clip=_exp_clip(case))
+    settings = _settings(case, settings_name)
     t0 = time.perf_counter()
     r = run_secure(sd, cfg, ids, settings, vocab_chunk=chunk)
-    program = jf.build_program(cfg, T, vocab_chunk=chunk, exp_clip=settings.exp_clip)
+    program = jf.build_program(cfg, T, vocab_chunk=chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack)
     steps = []
     for step, got in zip(program.steps, r.steps):
         assert step.name == got["name"]
@@ -222,7 +248,7 @@ def validate(runs: list, costs: dict) -> list[dict]:
     rows = []
     for r in runs:
         cfg = _cfg(r["case"])
-        settings = SPUSettings.preset(r["settings"], exp_clip=_exp_clip(r["case"]))
+        settings = _settings(r["case"], r["settings"])
         est = estimate(cfg, r["case"][4], settings, vocab_chunk=r["case"][6], costs=costs)
         rows.append({"case": r["case"], "settings": r["settings"],
                      "measured_bytes": r["total_bytes"], "predicted_bytes": est.total("bytes"),
@@ -249,7 +275,8 @@ def validate_gpt2(costs: dict) -> list[dict]:
         est = estimate(cfg, rep["seq_len"], settings, vocab_chunk=vocab_chunk, costs=costs)
         preset = key.split("/")[0]
         rows.append({"run": key, "case": [preset, cfg.n_layer, cfg.n_embd, cfg.n_head, rep["seq_len"],
-                                          cfg.vocab_size, vocab_chunk] + ([settings.exp_clip] if settings.exp_clip else []),
+                                          cfg.vocab_size, vocab_chunk]
+                 + ([settings.exp_clip, settings.causal_pack] if settings.exp_clip or settings.causal_pack else []),
                      "settings": key.split("/")[1], "command": entry["command"],
                      "measured_bytes": rep["total_bytes"], "predicted_bytes": est.total("bytes"),
                      "measured_messages": rep["total_messages"], "predicted_messages": est.total("messages"),
@@ -262,8 +289,10 @@ def table(rows: list[dict], what: str = "held-out runs") -> str:
            "measured messages | predicted messages |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for v in rows:
         preset, L, d, H, T, V, chunk = v["case"][:7]
-        if len(v["case"]) > 7:
+        if _exp_clip(v["case"]) is not None:
             preset += f" (exp_clip {v['case'][7]:g})"
+        if _causal_pack(v["case"]):
+            preset += " (causal-pack)"
         err = v["predicted_bytes"] / v["measured_bytes"] - 1
         out.append(f"| {v['settings']} | {preset} | {L} | {d} | {H} | {T} | {V} / {chunk} | "
                    f"{v['measured_bytes'] / 1e6:.2f} | {v['predicted_bytes'] / 1e6:.2f} | {err:+.1%} | "

@@ -67,6 +67,35 @@ def test_exp_clip_is_harmless_in_plaintext():
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.parametrize("preset", ["SM+LN+G", "SM(t)+ScFuFFN"])
+@pytest.mark.parametrize("T", [1, 7, 32, 45])
+def test_the_packed_causal_softmax_is_the_same_model(preset, T):
+    """--causal-pack changes which entries are computed, never the function: logits equal the
+    full layout's (and so PyTorch's) at lengths below, at and above the group count."""
+    m = _perturbed_model(preset, block_size=64)
+    ids = np.arange(T) * 7 % m.config.vocab_size
+    sd = state_dict_to_numpy(m)
+    full = forward(sd, m.config, ids)
+    packed = forward(sd, m.config, ids, causal_pack=True)
+    np.testing.assert_allclose(packed, full, atol=ATOL * max(1.0, np.abs(full).max()), rtol=RTOL)
+    program = build_program(m.config, T, causal_pack=True)
+    assert all(s.key.endswith(":packed") for s in program.steps if s.op_class == "softmax")
+
+
+@pytest.mark.parametrize("T", [1, 2, 31, 32, 33, 100, 128, 1000])
+def test_pack_groups_cover_every_visible_entry_once(T):
+    from piformer.pi.jax_forward import PACK_GROUPS, pack_groups, packed_entries
+
+    groups = pack_groups(T)
+    rows = [r for a, b in groups for r in range(a, b)]
+    assert rows == list(range(T))  # every row once, in order
+    sizes = [b - a for a, b in groups]
+    assert max(sizes) - min(sizes) <= 1 and len(groups) == min(T, PACK_GROUPS)
+    assert T * (T + 1) // 2 <= packed_entries(T) <= T * T
+    if T >= PACK_GROUPS:  # the packing's point: about half of T x T
+        assert packed_entries(T) <= 0.53 * T * T + T
+
+
 def test_program_classes_and_owners():
     cfg = ModelConfig.from_preset("EReg(SM(t)+ScFuFFN)", size="tiny")
     prog = build_program(cfg, 8, vocab_chunk=40)

@@ -136,6 +136,8 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "temperature": ("ole_batches", "T*d", "one"),
     "scores": ("ct_sent", "ct_back", "lwe_back", "H*T*T", "one"),
     "softmax": ("sq_batches", "mul_batches", "beaver", "H*T*T", "H*T", "clip", "one"),
+    # --causal-pack: the max still runs over H*T*T, the exponential and the products over H*P
+    "softmax_packed": ("sq_batches", "mul_batches", "beaver", "H*T*T", "H*P", "H*T", "clip", "one"),
     "attn_out": ("ct_sent", "ct_back", "lwe_back", "T*d", "one"),
     "linear": ("ct_sent", "ct_back", "lwe_back", "T*n", "one"),
     "gelu": ("sq_batches", "mul_batches", "beaver", "T*n", "one"),
@@ -148,6 +150,8 @@ FEATURES: dict[str, tuple[str, ...]] = {
 def step_kind(key: str) -> str | None:
     """The cost kind of a program step from its key (`jax_forward.Step.key`); None: free."""
     head = key.split(":")[0]
+    if head == "softmax" and key.endswith(":packed"):
+        return "softmax_packed"
     if head == "act":
         return key.split(":")[1] if key.split(":")[1] in ("gelu", "relu") else None
     return {
@@ -174,6 +178,8 @@ def _elementwise(f: dict[str, float], n: int, with_plaintext: bool = False) -> N
 
 def step_features(step, program, cfg: ModelConfig) -> dict[str, float]:
     """The shape features of one step (names as in FEATURES[kind])."""
+    from piformer.pi import jax_forward as jf
+
     T, d, H = program.seq_len, cfg.n_embd, cfg.n_head
     D = d // H
     kind = step_kind(step.key)
@@ -195,6 +201,11 @@ def step_features(step, program, cfg: ModelConfig) -> dict[str, float]:
     elif kind == "softmax":  # max (comparisons), exp (squarings), 1/sum, products with it
         _elementwise(f, H * T * T)
         f["clip"] = H * T * T if program.settings.get("exp_clip") is not None else 0
+    elif kind == "softmax_packed":  # max over every entry; exp, 1/sum and products on the packed ones
+        n = H * jf.packed_entries(T)
+        _elementwise(f, n)
+        f["H*P"] = n
+        f["clip"] = n if program.settings.get("exp_clip") is not None else 0
     elif kind == "attn_out":  # per head P V (two secrets), then the output projection
         _products(f, (2 * H, T, T, D), (1, T, d, d))
     elif kind == "linear":
@@ -271,7 +282,7 @@ def estimate(cfg: ModelConfig, seq_len: int | None = None, settings=None, vocab_
         raise ValueError(f"no fitted SPU costs for {key}; fitted: {', '.join(sorted(table))} "
                          "(refit with benchmarks/fit_pi_costs.py)")
     fit = table[key]
-    program = jf.build_program(cfg, seq_len, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip,
+    program = jf.build_program(cfg, seq_len, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack,
                                last_only=last_only)
     est = SecureEstimate(key, program.seq_len, cfg.n_layer, setup=dict(fit["setup"]),
                          validation=dict(fit.get("validation", {})))
@@ -280,7 +291,8 @@ def estimate(cfg: ModelConfig, seq_len: int | None = None, settings=None, vocab_
         if kind is None:
             continue
         if kind not in fit["kinds"]:
-            raise ValueError(f"no fitted SPU cost for step kind {kind!r} under {key}")
+            raise ValueError(f"no fitted SPU cost for step kind {kind!r} under {key} "
+                             "(refit with benchmarks/fit_pi_costs.py)")
         feats = step_features(step, program, cfg)
         acc = est.per_kind.setdefault(kind, {q: 0.0 for q in QUANTITIES})
         for q in QUANTITIES:

@@ -175,7 +175,7 @@ def setup_program(cfg: ModelConfig, program: jf.Program) -> jf.Program:
     n = len(program.vocab_chunks)
     vocab = cfg.vocab_size if n <= 3 else 2 * chunk + (cfg.vocab_size - (n - 1) * chunk)
     return jf.build_program(replace(cfg, vocab_size=vocab), program.seq_len, vocab_chunk=chunk,
-                            exp_clip=st["exp_clip"], layers=min(1, st["layers"]),
+                            exp_clip=st["exp_clip"], causal_pack=bool(st.get("causal_pack")), layers=min(1, st["layers"]),
                             embed_head=st["embed_head"], last_only=bool(st.get("last_only")))
 
 
@@ -447,7 +447,7 @@ def run_secure(
     settings = settings or SPUSettings()
     ids = np.asarray(ids).reshape(-1)
     T = len(ids)
-    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, layers=layers,
+    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, layers=layers,
                                embed_head=embed_head, last_only=last_only)
     params = jf.chunk_params(jf.prepare_params(sd, cfg, T), program.vocab_chunks)
     if embed_head:
@@ -543,7 +543,7 @@ def _serve_one(lctx, cfg: ModelConfig, sd: dict[str, np.ndarray], log: Callable[
         return
     settings = SPUSettings(**req["settings"])
     T = int(req["seq_len"])
-    program = jf.build_program(cfg, T, vocab_chunk=req["vocab_chunk"], exp_clip=settings.exp_clip,
+    program = jf.build_program(cfg, T, vocab_chunk=req["vocab_chunk"], exp_clip=settings.exp_clip, causal_pack=settings.causal_pack,
                                layers=req.get("layers"), last_only=bool(req.get("last_only")))
     params = jf.chunk_params(jf.prepare_params(sd, cfg, T), program.vocab_chunks)
     compiled = compile_with_setup(cfg, program, settings)
@@ -592,7 +592,7 @@ def _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only, 
     _send_json(lctx, SERVER, {"seq_len": T, "settings": settings.to_dict(), "vocab_chunk": vocab_chunk,
                               "layers": layers, "last_only": last_only})
     t0 = time.perf_counter()
-    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, layers=layers,
+    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, layers=layers,
                                last_only=last_only)
     compiled = compile_with_setup(cfg, program, settings)
     compile_s = time.perf_counter() - t0

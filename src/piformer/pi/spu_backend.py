@@ -69,6 +69,9 @@ class SPUSettings:
     196 exponentials of 12x128x128 (docs/private_inference.md, 'Wrong values'): cost studies only."""
     exp_clip: float | None = None
     """Program-level: clamp softmax inputs x - max to >= -exp_clip before the exponential."""
+    causal_pack: bool = False
+    """Program-level: exponentiate and normalise only the causal (visible) attention entries,
+    packed into one vector (about half the softmax's squarings and products); same outputs."""
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "SPUSettings":
