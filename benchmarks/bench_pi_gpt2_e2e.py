@@ -55,7 +55,7 @@ def train_command(preset: str, out: Path, args) -> list[str]:
 def pi_command(run: Path, args, layers: int | None = None) -> list[str]:
     extra = ([] if layers is None else ["--layers", str(layers)]) + (
         [] if args.exp_clip is None else ["--exp-clip", f"{args.exp_clip:g}"]) + (
-        ["--causal-pack"] if args.causal_pack else [])
+        ["--causal-pack"] if args.causal_pack else []) + (["--ln-wide"] if args.ln_wide else [])
     return PIFORMER + ["pi-run", str(run), "--seq-len", str(args.seq_len), "--settings", args.settings, "--json",
                        *extra]
 
@@ -72,7 +72,7 @@ def measure(preset: str, args, results: dict, layers: int | None = None) -> None
         if sh(["mkdir", "-p", str(run.parent)]).returncode or sh(train_command(preset, run, args)).returncode:
             raise SystemExit(f"training {preset} failed")
     key = (f"{preset}/{args.settings}/T{args.seq_len}" + ("" if args.exp_clip is None else f"/exp_clip={args.exp_clip:g}")
-           + ("/causal-pack" if args.causal_pack else "") + ("" if layers is None else f"/layers{layers}"))
+           + ("/causal-pack" if args.causal_pack else "") + ("/ln-wide" if args.ln_wide else "") + ("" if layers is None else f"/layers{layers}"))
     if key in results:
         print(f"{key}: saved already, skipped", flush=True)
         return
@@ -105,6 +105,8 @@ def main() -> None:
                    help="pi-run --exp-clip C (softmax-only models whose deep attention collapses need it)")
     p.add_argument("--causal-pack", action="store_true",
                    help="pi-run --causal-pack: each softmax exponentiates only its visible (causal) entries")
+    p.add_argument("--ln-wide", action="store_true",
+                   help="pi-run --ln-wide: LayerNorms right beyond SPU's rsqrt range (the softmax-only model's ln_f)")
     p.add_argument("--extrapolate", action="store_true",
                    help="also run --layers 0 and --layers 1 of each checkpoint: the per-block extrapolation, checked")
     p.add_argument("--report-only", action="store_true")

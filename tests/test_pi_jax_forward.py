@@ -82,6 +82,26 @@ def test_the_packed_causal_softmax_is_the_same_model(preset, T):
     assert all(s.key.endswith(":packed") for s in program.steps if s.op_class == "softmax")
 
 
+@pytest.mark.parametrize("preset", ["SM+LN+G", "SM+ScFuFFN"])
+def test_the_wide_layernorm_is_the_same_model(preset):
+    m = _perturbed_model(preset)
+    ids = np.arange(m.config.block_size) % m.config.vocab_size
+    sd = state_dict_to_numpy(m)
+    np.testing.assert_allclose(forward(sd, m.config, ids, ln_wide=True), forward(sd, m.config, ids), atol=1e-4)
+
+
+def test_the_wide_layernorm_takes_its_scaled_branch_exactly_for_large_rows():
+    """Rows of variance from 2^16 on take the 2^-8-scaled variance (its eps scaled alike); in
+    float32 both branches are LayerNorm, so rows on either side of 2^16 match the plain one."""
+    from piformer.pi.jax_forward import _layernorm
+
+    rng = np.random.default_rng(0)
+    scales = np.array([1e-2, 1.0, 255.0, 257.0, 1e4, 8e4], np.float32)[:, None]  # std across 2^8
+    x = rng.normal(size=(len(scales), 64)).astype(np.float32) * scales
+    w = np.ones(64, np.float32)
+    np.testing.assert_allclose(np.asarray(_layernorm(x, w, wide=True)), np.asarray(_layernorm(x, w)), atol=1e-4)
+
+
 @pytest.mark.parametrize("T", [1, 2, 31, 32, 33, 100, 128, 1000])
 def test_pack_groups_cover_every_visible_entry_once(T):
     from piformer.pi.jax_forward import PACK_GROUPS, pack_groups, packed_entries

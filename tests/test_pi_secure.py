@@ -419,3 +419,21 @@ def test_the_packed_causal_softmax_costs_less_and_gives_the_same_logits():
     packed, packed_logits = softmax_bytes(True)
     assert packed < 0.95 * full, (packed, full)
     np.testing.assert_allclose(packed_logits, full_logits, atol=0.05)
+
+
+def test_a_layernorm_beyond_spus_rsqrt_range_is_named_and_ln_wide_fixes_it():
+    """SPU's rsqrt returns 0 from 2^17 on, so a LayerNorm over rows of larger variance (the
+    final LayerNorm of the softmax-only GPT-2, std ~1e4) outputs garbage: the report names the
+    variance and says to widen; with ln_wide the same model is right."""
+    m = _model("SM+LN+G")
+    with torch.no_grad():
+        m.transformer.wpe.weight.normal_(0.0, 1000.0)  # ln_f's rows: variance ~1e6
+        m.transformer.wte.weight.normal_(0.0, 1.0)  # tied head: logits of order 5
+    sd = state_dict_to_numpy(m)
+    plain = run_secure(sd, m.config, _IDS, SPUSettings(), vocab_chunk=64, layers=0)
+    assert plain.accuracy["layernorm_input_variance"] > 2 ** 17
+    assert plain.accuracy["layernorm_out_of_range"]
+    assert not plain.accuracy["within_tolerance"], plain.accuracy
+    wide = run_secure(sd, m.config, _IDS, SPUSettings(ln_wide=True), vocab_chunk=64, layers=0)
+    assert not wide.accuracy["layernorm_out_of_range"]
+    assert wide.accuracy["within_tolerance"] and wide.accuracy["argmax_agreement"] == 1.0, wide.accuracy

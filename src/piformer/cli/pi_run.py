@@ -30,6 +30,9 @@ def add_spu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--causal-pack", action="store_true",
                    help="exponentiate only the visible (causal) attention entries: about half the softmax's "
                         "cost, same outputs")
+    g.add_argument("--ln-wide", action="store_true",
+                   help="LayerNorm right for rows of variance beyond SPU's rsqrt range (2^17): a second, scaled "
+                        "variance per LayerNorm (models without LayerNorm in their blocks need it at ln_f)")
     g.add_argument("--vocab-chunk", type=int, default=4096,
                    help="vocabulary rows per one-hot embedding / head matmul (memory bound; default 4096)")
     g.add_argument("--layers", type=int, default=None, help="run only the first N blocks (default: all)")
@@ -49,6 +52,8 @@ def settings_from_args(args: argparse.Namespace):
         over["exp_clip"] = args.exp_clip
     if args.causal_pack:
         over["causal_pack"] = True
+    if args.ln_wide:
+        over["ln_wide"] = True
     s = SPUSettings.preset(args.settings, **over)
     s.validate()
     if s.mul_lsb_error:
@@ -128,6 +133,10 @@ def print_report(report, as_json: bool, ops: bool = False, extra: dict | None = 
             from piformer.pi.secure import exp_range_hint
 
             print(f"piformer: {exp_range_hint(report.accuracy['softmax_input_span'])}", file=sys.stderr)
+        if report.accuracy.get("layernorm_out_of_range"):
+            from piformer.pi.secure import layernorm_range_hint
+
+            print(f"piformer: {layernorm_range_hint(report.accuracy['layernorm_input_variance'])}", file=sys.stderr)
         return EXIT_WRONG_RESULT
     return 0
 
@@ -158,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         # Two OS processes: a pi-serve child (weights) and this process as the client (tokens).
         # This process also runs the plaintext program, only to report the agreement.
-        program = jf.build_program(cfg, len(ids), vocab_chunk=args.vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack,
+        program = jf.build_program(cfg, len(ids), vocab_chunk=args.vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, ln_wide=settings.ln_wide,
                                    layers=args.layers, last_only=args.last_only)
         params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
         reference = jf.plaintext_logits(program, {**params, **jf.one_hot_chunks(ids, program.vocab_chunks)})

@@ -168,14 +168,36 @@ def _jnp():
     return jnp
 
 
-def _layernorm(x, w, b=None):
+RSQRT_VALID_BELOW = 2.0 ** 17
+"""SPU 0.9.5's rsqrt returns 0 at and above 2^17 = 131,072 (measured, CHEETAH, 18 fraction bits,
+FM64 and FM128 alike): a LayerNorm over a row of variance beyond it outputs zeros. Residual
+streams without LayerNorm grow past it in deep layers (std ~1e4 at the last block of the
+softmax-only GPT-2 trained for docs/private_inference.md), which the final LayerNorm sees."""
+
+LN_WIDE_SHIFT = 8
+"""The wide LayerNorm's second variance is that of x * 2^-8: right up to variance 2^33 (std
+~92,700) and squares of |x| up to ~3e6 (FM64's headroom for a product is 2^27)."""
+
+
+def _layernorm(x, w, b=None, wide: bool = False):
+    """LayerNorm. `wide` keeps it right for rows whose variance is beyond SPU's rsqrt
+    (`RSQRT_VALID_BELOW`): the variance is also computed on x scaled by 2^-LN_WIDE_SHIFT, and each
+    row takes that branch (rsqrt of the scaled variance, scaled back) when its variance is at
+    least 2^(2 shift); small rows keep the unscaled variance and its precision. The extra cost is
+    one truncation and one squaring of the (T, d) input, a comparison and a select per row."""
     jnp = _jnp()
     import jax
 
     mu = jnp.mean(x, axis=-1, keepdims=True)
     xc = x - mu
     var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-    y = xc * jax.lax.rsqrt(var + LN_EPS) * w
+    inv = jax.lax.rsqrt(var + LN_EPS)
+    if wide:
+        k = float(2 ** -LN_WIDE_SHIFT)
+        xs = xc * k
+        var_s = jnp.mean(xs * xs, axis=-1, keepdims=True)  # var * 2^-16, no overflow where var's square overflows
+        inv = jnp.where(var_s >= 1.0, jax.lax.rsqrt(var_s + LN_EPS * k * k) * k, inv)
+    y = xc * inv * w
     return y + b if b is not None else y
 
 
@@ -282,6 +304,7 @@ def build_program(
     embed_head: bool = True,
     last_only: bool = False,
     causal_pack: bool = False,
+    ln_wide: bool = False,
 ) -> Program:
     """The forward pass of `cfg` on `seq_len` tokens as steps.
 
@@ -291,7 +314,8 @@ def build_program(
     "x.in" (T, d) itself, which an "input" step turns into a secret value (no communication),
     so a block is measured exactly as it runs inside the model. `last_only` computes (and
     reveals) the logits of the last position only: all that generating the next token needs.
-    `causal_pack` runs each softmax on its visible (causal) entries only (`masked_softmax`).
+    `causal_pack` runs each softmax on its visible (causal) entries only (`masked_softmax`);
+    `ln_wide` makes every LayerNorm right beyond SPU's rsqrt range (`_layernorm`).
     """
     T = int(seq_len or cfg.block_size)
     if not 0 < T <= cfg.block_size:
@@ -301,6 +325,7 @@ def build_program(
     chunks = vocab_chunks(cfg.vocab_size, vocab_chunk)
     steps: list[Step] = []
     server: dict[str, tuple[int, ...]] = {}
+    wide_key = ":wide" if ln_wide else ""
 
     def w(name: str, shape: tuple[int, ...]) -> str:
         server[name] = shape
@@ -337,8 +362,8 @@ def build_program(
         """A block's LayerNorm step writing `dst`; without LayerNorm the input passes through."""
         if cfg.norm != "layernorm":
             return src
-        steps.append(Step(name, "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
-                          (src,) + ln_inputs(name), (dst,), f"ln:{bias}"))
+        steps.append(Step(name, "layernorm", lambda x_, *wb: (_layernorm(x_, *wb, wide=ln_wide),),
+                          (src,) + ln_inputs(name), (dst,), f"ln:{bias}" + wide_key))
         return dst
 
     # -- blocks -----------------------------------------------------------------------------
@@ -402,13 +427,13 @@ def build_program(
     if not embed_head:
         return Program(steps, client, server, [x], T, [],
                        settings={"vocab_chunk": vocab_chunk, "exp_clip": exp_clip, "layers": L, "embed_head": False,
-                                 "causal_pack": causal_pack})
+                                 "causal_pack": causal_pack, "ln_wide": ln_wide})
     if last_only:  # LayerNorm is per row: normalising only the last one is exact
-        steps.append(Step("ln_f", "layernorm", lambda x_, *wb: (_layernorm(x_[-1:], *wb),),
-                          (x,) + ln_inputs("ln_f"), ("x.final",), f"ln_last:{bias}"))
+        steps.append(Step("ln_f", "layernorm", lambda x_, *wb: (_layernorm(x_[-1:], *wb, wide=ln_wide),),
+                          (x,) + ln_inputs("ln_f"), ("x.final",), f"ln_last:{bias}" + wide_key))
     else:
-        steps.append(Step("ln_f", "layernorm", lambda x_, *wb: (_layernorm(x_, *wb),),
-                          (x,) + ln_inputs("ln_f"), ("x.final",), f"ln:{bias}"))
+        steps.append(Step("ln_f", "layernorm", lambda x_, *wb: (_layernorm(x_, *wb, wide=ln_wide),),
+                          (x,) + ln_inputs("ln_f"), ("x.final",), f"ln:{bias}" + wide_key))
     outputs = []
     for c, (a, b) in enumerate(chunks):
         steps.append(Step(f"head.{c}", "head", lambda x_, wt: (x_ @ wt,),
@@ -416,7 +441,7 @@ def build_program(
         outputs.append(f"logits.{c}")
     return Program(steps, client, server, outputs, T, chunks,
                    settings={"vocab_chunk": vocab_chunk, "exp_clip": exp_clip, "layers": L, "embed_head": True,
-                             "last_only": last_only, "causal_pack": causal_pack})
+                             "last_only": last_only, "causal_pack": causal_pack, "ln_wide": ln_wide})
 
 
 def run_program(program: Program, inputs: dict[str, np.ndarray], jit: bool = True) -> dict[str, np.ndarray]:
@@ -444,11 +469,12 @@ def forward(
     exp_clip: float | None = None,
     last_only: bool = False,
     causal_pack: bool = False,
+    ln_wide: bool = False,
 ) -> np.ndarray:
     """Logits (T, V) of one token sequence from a folded numpy state dict ((1, V) if last_only)."""
     ids = np.asarray(ids).reshape(-1)
     program = build_program(cfg, len(ids), vocab_chunk=vocab_chunk, exp_clip=exp_clip, last_only=last_only,
-                            causal_pack=causal_pack)
+                            causal_pack=causal_pack, ln_wide=ln_wide)
     params = chunk_params(prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
     return plaintext_logits(program, {**params, **one_hot_chunks(ids, program.vocab_chunks)})
 
@@ -483,3 +509,15 @@ def softmax_input_span(program: Program, env: dict[str, np.ndarray]) -> float:
         lo = np.where(visible, s, np.inf).min(-1, keepdims=True)
         span = max(span, float((hi - lo).max()))
     return span
+
+
+def layernorm_input_variance(program: Program, env: dict[str, np.ndarray]) -> float:
+    """The largest row variance any LayerNorm of a plaintext run normalises: beyond
+    RSQRT_VALID_BELOW an unwidened LayerNorm returns zeros under SPU (`ln_wide` fixes it)."""
+    worst = 0.0
+    for step in program.steps:
+        if step.op_class != "layernorm":
+            continue
+        x = np.asarray(env[step.inputs[0]], dtype=np.float64)
+        worst = max(worst, float(x.var(axis=-1).max()))
+    return worst

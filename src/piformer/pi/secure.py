@@ -175,7 +175,7 @@ def setup_program(cfg: ModelConfig, program: jf.Program) -> jf.Program:
     n = len(program.vocab_chunks)
     vocab = cfg.vocab_size if n <= 3 else 2 * chunk + (cfg.vocab_size - (n - 1) * chunk)
     return jf.build_program(replace(cfg, vocab_size=vocab), program.seq_len, vocab_chunk=chunk,
-                            exp_clip=st["exp_clip"], causal_pack=bool(st.get("causal_pack")), layers=min(1, st["layers"]),
+                            exp_clip=st["exp_clip"], causal_pack=bool(st.get("causal_pack")), ln_wide=bool(st.get("ln_wide")), layers=min(1, st["layers"]),
                             embed_head=st["embed_head"], last_only=bool(st.get("last_only")))
 
 
@@ -345,7 +345,8 @@ wrong results seen so far were off by 1e6 and more."""
 
 
 def _accuracy(secure: np.ndarray, plain: np.ndarray, settings: SPUSettings,
-              tolerance: float = LOGIT_TOLERANCE, softmax_span: float | None = None) -> dict[str, Any]:
+              tolerance: float = LOGIT_TOLERANCE, softmax_span: float | None = None,
+              ln_variance: float | None = None) -> dict[str, Any]:
     err = np.abs(secure - plain)
     worst = float(err.max()) if np.isfinite(err).all() else float("inf")
     span = {}
@@ -353,6 +354,9 @@ def _accuracy(secure: np.ndarray, plain: np.ndarray, settings: SPUSettings,
         clip = settings.exp_clip
         span = {"softmax_input_span": softmax_span,
                 "exp_out_of_range": softmax_span > jf.EXP_VALID_RANGE and (clip is None or clip > jf.EXP_VALID_RANGE)}
+    if ln_variance is not None:
+        span.update({"layernorm_input_variance": ln_variance,
+                     "layernorm_out_of_range": ln_variance >= jf.RSQRT_VALID_BELOW and not settings.ln_wide})
     # A flip where plaintext's top two logits are closer than the fixed-point error is a tie
     # broken the other way, not a wrong value: each disagreement carries plaintext's top-2 gap.
     top2 = np.sort(plain, axis=-1)[..., -2:]
@@ -375,6 +379,11 @@ def exp_range_hint(span: float) -> str:
     return (f"softmax inputs reach {span:.4g} below their row's maximum (plaintext run); SPU's exponential is "
             f"accurate only down to -{jf.EXP_VALID_RANGE:g}: rerun with --exp-clip 20 (exact at 18 fraction bits, "
             "where exp(-20) rounds to 0 anyway)")
+
+
+def layernorm_range_hint(variance: float) -> str:
+    return (f"a LayerNorm normalises rows of variance up to {variance:.4g} (plaintext run); SPU's rsqrt returns 0 "
+            f"from {jf.RSQRT_VALID_BELOW:.0f} on: rerun with --ln-wide")
 
 
 def _judged(max_abs_logit_error: float, tolerance: float) -> dict[str, Any]:
@@ -447,7 +456,7 @@ def run_secure(
     settings = settings or SPUSettings()
     ids = np.asarray(ids).reshape(-1)
     T = len(ids)
-    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, layers=layers,
+    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, ln_wide=settings.ln_wide, layers=layers,
                                embed_head=embed_head, last_only=last_only)
     params = jf.chunk_params(jf.prepare_params(sd, cfg, T), program.vocab_chunks)
     if embed_head:
@@ -485,7 +494,8 @@ def run_secure(
     if check:
         env = jf.run_program(program, {**params, **client_in})
         report.accuracy = _accuracy(logits, jf.logits_of(program, env), settings,
-                                    softmax_span=jf.softmax_input_span(program, env))
+                                    softmax_span=jf.softmax_input_span(program, env),
+                                    ln_variance=jf.layernorm_input_variance(program, env))
     return report
 
 
@@ -543,7 +553,7 @@ def _serve_one(lctx, cfg: ModelConfig, sd: dict[str, np.ndarray], log: Callable[
         return
     settings = SPUSettings(**req["settings"])
     T = int(req["seq_len"])
-    program = jf.build_program(cfg, T, vocab_chunk=req["vocab_chunk"], exp_clip=settings.exp_clip, causal_pack=settings.causal_pack,
+    program = jf.build_program(cfg, T, vocab_chunk=req["vocab_chunk"], exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, ln_wide=settings.ln_wide,
                                layers=req.get("layers"), last_only=bool(req.get("last_only")))
     params = jf.chunk_params(jf.prepare_params(sd, cfg, T), program.vocab_chunks)
     compiled = compile_with_setup(cfg, program, settings)
@@ -592,7 +602,7 @@ def _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only, 
     _send_json(lctx, SERVER, {"seq_len": T, "settings": settings.to_dict(), "vocab_chunk": vocab_chunk,
                               "layers": layers, "last_only": last_only})
     t0 = time.perf_counter()
-    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, layers=layers,
+    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, ln_wide=settings.ln_wide, layers=layers,
                                last_only=last_only)
     compiled = compile_with_setup(cfg, program, settings)
     compile_s = time.perf_counter() - t0
@@ -771,6 +781,8 @@ def format_report(report: SecureReport, color: bool = False) -> str:
                               "communication counts are unaffected", color))
         if a.get("exp_out_of_range"):
             lines.append(exp_range_hint(a["softmax_input_span"]))
+        if a.get("layernorm_out_of_range"):
+            lines.append(layernorm_range_hint(a["layernorm_input_variance"]))
     if report.one_way_waits is not None:
         lines += ["", f"latency = compute + bytes x 8 / bandwidth + one-way waits x RTT / 2, "
                   f"with {report.one_way_waits:.0f} waits measured over a delayed TCP link"]

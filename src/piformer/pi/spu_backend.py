@@ -72,6 +72,9 @@ class SPUSettings:
     causal_pack: bool = False
     """Program-level: exponentiate and normalise only the causal (visible) attention entries,
     packed into one vector (about half the softmax's squarings and products); same outputs."""
+    ln_wide: bool = False
+    """Program-level: LayerNorms stay right for rows of variance beyond SPU's rsqrt (2^17), as
+    the final LayerNorm of a model without LayerNorms in its blocks needs (`jax_forward._layernorm`)."""
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "SPUSettings":
