@@ -176,7 +176,7 @@ def _measure(case, settings_name: str):
     settings = _settings(case, settings_name)
     t0 = time.perf_counter()
     r = run_secure(sd, cfg, ids, settings, vocab_chunk=chunk)
-    program = jf.build_program(cfg, T, vocab_chunk=chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, ln_wide=settings.ln_wide)
+    program = jf.build_program(cfg, T, vocab_chunk=chunk, **settings.program_options())
     steps = []
     for step, got in zip(program.steps, r.steps):
         assert step.name == got["name"]
@@ -243,7 +243,6 @@ def fit(runs: list) -> dict:
 
 def validate(runs: list, costs: dict) -> list[dict]:
     from piformer.pi.estimate import estimate
-    from piformer.pi.spu_backend import SPUSettings
 
     rows = []
     for r in runs:

@@ -167,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         # Two OS processes: a pi-serve child (weights) and this process as the client (tokens).
         # This process also runs the plaintext program, only to report the agreement.
-        program = jf.build_program(cfg, len(ids), vocab_chunk=args.vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, ln_wide=settings.ln_wide,
-                                   layers=args.layers, last_only=args.last_only)
+        program = jf.build_program(cfg, len(ids), vocab_chunk=args.vocab_chunk, layers=args.layers,
+                                   last_only=args.last_only, **settings.program_options())
         params = jf.chunk_params(jf.prepare_params(sd, cfg, len(ids)), program.vocab_chunks)
         reference = jf.plaintext_logits(program, {**params, **jf.one_hot_chunks(ids, program.vocab_chunks)})
         t0 = time.perf_counter()

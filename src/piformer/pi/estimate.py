@@ -282,8 +282,8 @@ def estimate(cfg: ModelConfig, seq_len: int | None = None, settings=None, vocab_
         raise ValueError(f"no fitted SPU costs for {key}; fitted: {', '.join(sorted(table))} "
                          "(refit with benchmarks/fit_pi_costs.py)")
     fit = table[key]
-    program = jf.build_program(cfg, seq_len, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, ln_wide=settings.ln_wide,
-                               last_only=last_only)
+    program = jf.build_program(cfg, seq_len, vocab_chunk=vocab_chunk, last_only=last_only,
+                               **settings.program_options())
     est = SecureEstimate(key, program.seq_len, cfg.n_layer, setup=dict(fit["setup"]),
                          validation=dict(fit.get("validation", {})))
     for step in program.steps:

@@ -32,7 +32,7 @@ import numpy as np
 from piformer.config import ModelConfig
 from piformer.pi import jax_forward as jf
 from piformer.pi.spu_backend import (
-    UNSAFE_SETTINGS_WARNING, RunCounters, SPULog, SPUSettings, brpc_link, compile_step, local_share, mem_link_desc,
+    PROGRAM_OPTIONS, UNSAFE_SETTINGS_WARNING, RunCounters, SPULog, SPUSettings, brpc_link, compile_step, local_share, mem_link_desc,
     rename, require_spu, share_from_bytes, share_to_bytes, wait_for_listener,
 )
 
@@ -175,8 +175,8 @@ def setup_program(cfg: ModelConfig, program: jf.Program) -> jf.Program:
     n = len(program.vocab_chunks)
     vocab = cfg.vocab_size if n <= 3 else 2 * chunk + (cfg.vocab_size - (n - 1) * chunk)
     return jf.build_program(replace(cfg, vocab_size=vocab), program.seq_len, vocab_chunk=chunk,
-                            exp_clip=st["exp_clip"], causal_pack=bool(st.get("causal_pack")), ln_wide=bool(st.get("ln_wide")), layers=min(1, st["layers"]),
-                            embed_head=st["embed_head"], last_only=bool(st.get("last_only")))
+                            layers=min(1, st["layers"]), embed_head=st["embed_head"],
+                            last_only=bool(st.get("last_only")), **{name: st.get(name) for name in PROGRAM_OPTIONS})
 
 
 @dataclass
@@ -456,8 +456,8 @@ def run_secure(
     settings = settings or SPUSettings()
     ids = np.asarray(ids).reshape(-1)
     T = len(ids)
-    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, ln_wide=settings.ln_wide, layers=layers,
-                               embed_head=embed_head, last_only=last_only)
+    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, layers=layers, embed_head=embed_head,
+                               last_only=last_only, **settings.program_options())
     params = jf.chunk_params(jf.prepare_params(sd, cfg, T), program.vocab_chunks)
     if embed_head:
         client_in = jf.one_hot_chunks(ids, program.vocab_chunks)
@@ -553,8 +553,8 @@ def _serve_one(lctx, cfg: ModelConfig, sd: dict[str, np.ndarray], log: Callable[
         return
     settings = SPUSettings(**req["settings"])
     T = int(req["seq_len"])
-    program = jf.build_program(cfg, T, vocab_chunk=req["vocab_chunk"], exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, ln_wide=settings.ln_wide,
-                               layers=req.get("layers"), last_only=bool(req.get("last_only")))
+    program = jf.build_program(cfg, T, vocab_chunk=req["vocab_chunk"], layers=req.get("layers"),
+                               last_only=bool(req.get("last_only")), **settings.program_options())
     params = jf.chunk_params(jf.prepare_params(sd, cfg, T), program.vocab_chunks)
     compiled = compile_with_setup(cfg, program, settings)
     log(f"pi-serve: query of {T} tokens, protocol {settings.protocol}")
@@ -602,8 +602,8 @@ def _query(lctx, cfg, ids, settings, vocab_chunk, layers, reference, last_only, 
     _send_json(lctx, SERVER, {"seq_len": T, "settings": settings.to_dict(), "vocab_chunk": vocab_chunk,
                               "layers": layers, "last_only": last_only})
     t0 = time.perf_counter()
-    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, exp_clip=settings.exp_clip, causal_pack=settings.causal_pack, ln_wide=settings.ln_wide, layers=layers,
-                               last_only=last_only)
+    program = jf.build_program(cfg, T, vocab_chunk=vocab_chunk, layers=layers, last_only=last_only,
+                               **settings.program_options())
     compiled = compile_with_setup(cfg, program, settings)
     compile_s = time.perf_counter() - t0
     offset = SPULog.offset()

@@ -76,6 +76,10 @@ class SPUSettings:
     """Program-level: LayerNorms stay right for rows of variance beyond SPU's rsqrt (2^17), as
     the final LayerNorm of a model without LayerNorms in its blocks needs (`jax_forward._layernorm`)."""
 
+    def program_options(self) -> dict[str, Any]:
+        """The fields that shape the program SPU runs (`jax_forward.build_program`'s keywords)."""
+        return {name: getattr(self, name) for name in PROGRAM_OPTIONS}
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "SPUSettings":
         if name not in SETTINGS_PRESETS:
@@ -118,6 +122,8 @@ class SPUSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
+PROGRAM_OPTIONS = ("exp_clip", "causal_pack", "ln_wide")
 
 SETTINGS_PRESETS: dict[str, dict[str, Any]] = {
     # SPU 0.9.5's defaults: what you get without touching a knob.
