@@ -30,6 +30,27 @@ def test_the_shipped_constants_cover_every_settings_preset_and_every_kind():
         assert fit["setup"]["bytes"] > 0 and fit["reveal_bytes_per_logit"] > 0
 
 
+@pytest.mark.parametrize("settings_name", ["default", "optimised"])
+def test_the_packed_softmax_is_priced_on_its_packed_entries(settings_name):
+    """--causal-pack's softmax is its own kind, its squarings and products counted on the
+    packed entries (about half of H T^2): cheaper than the full layout at GPT-2 shape, while the
+    rest of the model is priced the same."""
+    cfg = ModelConfig.from_preset("SM+ScFuFFN", size="gpt2-small")
+    full = estimate(cfg, 128, SPUSettings.preset(settings_name, exp_clip=20.0))
+    packed = estimate(cfg, 128, SPUSettings.preset(settings_name, exp_clip=20.0, causal_pack=True))
+    assert "softmax" not in packed.per_kind and "softmax_packed" not in full.per_kind
+    assert packed.per_kind["softmax_packed"]["bytes"] < 0.8 * full.per_kind["softmax"]["bytes"]
+    for kind in ("qkv", "scores", "attn_out", "beta"):
+        assert packed.per_kind[kind] == full.per_kind[kind]
+    from piformer.pi import jax_forward as jf
+
+    program = jf.build_program(cfg, 128, exp_clip=20.0, causal_pack=True)
+    step = next(s for s in program.steps if s.op_class == "softmax")
+    f = step_features(step, program, cfg)
+    assert f["H*P"] == 12 * jf.packed_entries(128) and f["H*T*T"] == 12 * 128 * 128
+    assert f["sq_batches"] == 14  # 12 x 128 x 128 = 24 batches of 8,192; packed, 101,376 values: 2 x 7
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_is_priced_at_gpt2_small(preset):
     cfg = ModelConfig.from_preset(preset, size="gpt2-small")
