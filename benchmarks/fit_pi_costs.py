@@ -275,7 +275,8 @@ def validate_gpt2(costs: dict) -> list[dict]:
         preset = key.split("/")[0]
         rows.append({"run": key, "case": [preset, cfg.n_layer, cfg.n_embd, cfg.n_head, rep["seq_len"],
                                           cfg.vocab_size, vocab_chunk]
-                 + ([settings.exp_clip, settings.causal_pack] if settings.exp_clip or settings.causal_pack else []),
+                 + ([settings.exp_clip, settings.causal_pack, settings.ln_wide]
+                    if settings.exp_clip or settings.causal_pack or settings.ln_wide else []),
                      "settings": key.split("/")[1], "command": entry["command"],
                      "measured_bytes": rep["total_bytes"], "predicted_bytes": est.total("bytes"),
                      "measured_messages": rep["total_messages"], "predicted_messages": est.total("messages"),
@@ -292,6 +293,8 @@ def table(rows: list[dict], what: str = "held-out runs") -> str:
             preset += f" (exp_clip {v['case'][7]:g})"
         if _causal_pack(v["case"]):
             preset += " (causal-pack)"
+        if len(v["case"]) > 9 and v["case"][9]:
+            preset += " (ln-wide)"
         err = v["predicted_bytes"] / v["measured_bytes"] - 1
         out.append(f"| {v['settings']} | {preset} | {L} | {d} | {H} | {T} | {V} / {chunk} | "
                    f"{v['measured_bytes'] / 1e6:.2f} | {v['predicted_bytes'] / 1e6:.2f} | {err:+.1%} | "
