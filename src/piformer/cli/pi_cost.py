@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exp-clip", type=float, default=None,
                    help="with --secure: price the softmax's clip of x - max at -CLIP, as pi-run --exp-clip")
     p.add_argument("--causal-pack", action="store_true",
-                   help="with --secure: price the softmax on its visible (causal) entries only, as pi-run --causal-pack")
+                   help="with --secure: price the softmax on its visible (causal) entries only, "
+                        "as pi-run --causal-pack")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -59,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
         from piformer.pi.estimate import estimate
         from piformer.pi.spu_backend import SPUSettings
 
-        secure = estimate(cfg, cost.seq_len, SPUSettings.preset(args.settings, exp_clip=args.exp_clip, causal_pack=args.causal_pack),
-                          vocab_chunk=args.vocab_chunk, last_only=args.last_only)
+        settings = SPUSettings.preset(args.settings, exp_clip=args.exp_clip, causal_pack=args.causal_pack)
+        secure = estimate(cfg, cost.seq_len, settings, vocab_chunk=args.vocab_chunk, last_only=args.last_only)
 
     if args.json:
         out = cost.to_dict()

@@ -32,8 +32,8 @@ import numpy as np
 from piformer.config import ModelConfig
 from piformer.pi import jax_forward as jf
 from piformer.pi.spu_backend import (
-    PROGRAM_OPTIONS, UNSAFE_SETTINGS_WARNING, RunCounters, SPULog, SPUSettings, brpc_link, compile_step, local_share, mem_link_desc,
-    rename, require_spu, share_from_bytes, share_to_bytes, wait_for_listener,
+    PROGRAM_OPTIONS, UNSAFE_SETTINGS_WARNING, RunCounters, SPULog, SPUSettings, brpc_link, compile_step, local_share,
+    mem_link_desc, rename, require_spu, share_from_bytes, share_to_bytes, wait_for_listener,
 )
 
 CLIENT, SERVER = 0, 1
@@ -176,7 +176,8 @@ def setup_program(cfg: ModelConfig, program: jf.Program) -> jf.Program:
     vocab = cfg.vocab_size if n <= 3 else 2 * chunk + (cfg.vocab_size - (n - 1) * chunk)
     return jf.build_program(replace(cfg, vocab_size=vocab), program.seq_len, vocab_chunk=chunk,
                             layers=min(1, st["layers"]), embed_head=st["embed_head"],
-                            last_only=bool(st.get("last_only")), **{name: st.get(name) for name in PROGRAM_OPTIONS})
+                            last_only=bool(st.get("last_only")),
+                            **{name: st.get(name) for name in PROGRAM_OPTIONS})
 
 
 @dataclass
