@@ -129,10 +129,20 @@ def _causal_pack(case) -> bool:
     return bool(case[8]) if len(case) > 8 else False
 
 
+def _ln_wide(case) -> bool:
+    """A case's optional 10th entry: the wide LayerNorm (only GPT-2-scale runs have it)."""
+    return bool(case[9]) if len(case) > 9 else False
+
+
+def _program_options(case) -> dict:
+    """The case's program-shaping settings, as `SPUSettings.program_options()` names them."""
+    return {"exp_clip": _exp_clip(case), "causal_pack": _causal_pack(case), "ln_wide": _ln_wide(case)}
+
+
 def _settings(case, settings_name: str):
     from piformer.pi.spu_backend import SPUSettings
 
-    return SPUSettings.preset(settings_name, exp_clip=_exp_clip(case), causal_pack=_causal_pack(case))
+    return SPUSettings.preset(settings_name, **_program_options(case))
 
 
 def _model(case):
@@ -154,8 +164,7 @@ def _steps_with_features(run) -> list[dict]:
 
     case = run["case"]
     cfg = _cfg(case)
-    program = jf.build_program(cfg, case[4], vocab_chunk=case[6], exp_clip=_exp_clip(case),
-                               causal_pack=_causal_pack(case))
+    program = jf.build_program(cfg, case[4], vocab_chunk=case[6], **_program_options(case))
     by_name = {s["name"]: s for s in run["steps"]}
     out = []
     for step in program.steps:
@@ -293,7 +302,7 @@ def table(rows: list[dict], what: str = "held-out runs") -> str:
             preset += f" (exp_clip {v['case'][7]:g})"
         if _causal_pack(v["case"]):
             preset += " (causal-pack)"
-        if len(v["case"]) > 9 and v["case"][9]:
+        if _ln_wide(v["case"]):
             preset += " (ln-wide)"
         err = v["predicted_bytes"] / v["measured_bytes"] - 1
         out.append(f"| {v['settings']} | {preset} | {L} | {d} | {H} | {T} | {V} / {chunk} | "

@@ -224,7 +224,7 @@ def masked_softmax(s, exp_clip: float | None = None, causal_pack: bool = False):
     z = jnp.where(causal, s, diag)
     z = z - jnp.max(z, axis=-1, keepdims=True)  # <= 0 on visible entries
     if causal_pack:
-        return _packed_exp_normalise(z, exp_clip)
+        return _packed_exp_normalise(z, causal, exp_clip)
     if exp_clip is not None:
         z = jnp.maximum(z, -float(exp_clip))
     e = jnp.where(causal, jnp.exp(z), 0.0)
@@ -249,7 +249,7 @@ def packed_entries(T: int) -> int:
     return sum((b - a) * b for a, b in pack_groups(T))
 
 
-def _packed_exp_normalise(z, exp_clip: float | None):
+def _packed_exp_normalise(z, causal: np.ndarray, exp_clip: float | None):
     """exp and normalisation of max-shifted causal logits z (H, T, T), on the visible block only.
 
     Row group [a, b) is sliced to its (H, b - a, b) block, the blocks are flattened into one
@@ -261,24 +261,22 @@ def _packed_exp_normalise(z, exp_clip: float | None):
     jnp = _jnp()
     H, T, _ = z.shape
     groups = pack_groups(T)
-    flat = jnp.concatenate([z[:, a:b, :b].reshape(H, -1) for a, b in groups], axis=-1)
-    visible = np.concatenate([np.tril(np.ones((T, T), dtype=bool))[a:b, :b].reshape(-1) for a, b in groups])
+    cuts = np.cumsum([(b - a) * b for a, b in groups])[:-1]
+
+    def pack(blocks):  # one (H, b - a, b) block per group -> (H, packed)
+        return jnp.concatenate([block.reshape(H, -1) for block in blocks], axis=-1)
+
+    def unpack(flat):  # (H, packed) -> the groups' blocks
+        return [part.reshape(H, b - a, b) for part, (a, b) in zip(jnp.split(flat, cuts, axis=-1), groups)]
+
+    flat = pack([z[:, a:b, :b] for a, b in groups])
+    visible = np.concatenate([causal[a:b, :b].reshape(-1) for a, b in groups])
     if exp_clip is not None:
         flat = jnp.maximum(flat, -float(exp_clip))
     e = jnp.where(visible, jnp.exp(flat), 0.0)  # (H, packed)
-    pieces, at = [], 0
-    for a, b in groups:
-        pieces.append(e[:, at:at + (b - a) * b].reshape(H, b - a, b))
-        at += (b - a) * b
-    inv = 1.0 / jnp.concatenate([p.sum(-1, keepdims=True) for p in pieces], axis=1)  # (H, T, 1)
-    inv_flat = jnp.concatenate([jnp.broadcast_to(inv[:, a:b], (H, b - a, b)).reshape(H, -1) for a, b in groups], axis=-1)
-    p_flat = e * inv_flat
-    out, at = [], 0
-    for a, b in groups:
-        block = p_flat[:, at:at + (b - a) * b].reshape(H, b - a, b)
-        out.append(jnp.pad(block, ((0, 0), (0, 0), (0, T - b))))
-        at += (b - a) * b
-    return jnp.concatenate(out, axis=1)
+    inv = 1.0 / jnp.concatenate([block.sum(-1, keepdims=True) for block in unpack(e)], axis=1)  # (H, T, 1)
+    p = unpack(e * pack([jnp.broadcast_to(inv[:, a:b], (H, b - a, b)) for a, b in groups]))
+    return jnp.concatenate([jnp.pad(block, ((0, 0), (0, 0), (0, T - b))) for block, (a, b) in zip(p, groups)], axis=1)
 
 
 def gelu_tanh(x):
