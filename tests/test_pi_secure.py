@@ -437,3 +437,22 @@ def test_a_layernorm_beyond_spus_rsqrt_range_is_named_and_ln_wide_fixes_it():
     wide = run_secure(sd, m.config, _IDS, SPUSettings(ln_wide=True), vocab_chunk=64, layers=0)
     assert not wide.accuracy["layernorm_out_of_range"]
     assert wide.accuracy["within_tolerance"] and wide.accuracy["argmax_agreement"] == 1.0, wide.accuracy
+
+
+def test_several_prompts_in_one_session_match_one_session_each(baseline_report):
+    # One compile and one setup pass for three prompts: each prompt's logits are those a session
+    # of its own computes (the first is baseline_report's prompt), and every one is checked.
+    from piformer.pi.secure import run_secure_prompts
+
+    m = _model("SM+LN+G")
+    prompts = np.stack([_IDS, _IDS[::-1], (_IDS * 7) % 97])
+    seen = []
+    results = run_secure_prompts(state_dict_to_numpy(m), m.config, prompts, SPUSettings(), vocab_chunk=64,
+                                 on_prompt=lambda r: seen.append(r.index))
+    assert seen == [0, 1, 2] and [r.index for r in results] == [0, 1, 2]
+    for r in results:
+        assert r.accuracy["argmax_agreement"] == 1.0, r.accuracy
+        assert r.accuracy["max_abs_logit_error"] < 0.05, r.accuracy
+        assert r.seconds > 0
+    # the same prompt in its own session: same fixed-point result up to the shares' randomness
+    assert abs(results[0].accuracy["max_abs_logit_error"] - baseline_report.accuracy["max_abs_logit_error"]) < 0.02
