@@ -5,6 +5,7 @@ nanoGPT-style model, step time and memory as T grows, and entropy measurement be
     python benchmarks/bench_entropy_attention.py scaling --tokens 2048
     python benchmarks/bench_entropy_attention.py kernel --batch 16 --heads 8 --T 128 --head-dim 32
     python benchmarks/bench_entropy_attention.py phases --size gpt2-small --batch 8 --cases reference baseline
+    python benchmarks/bench_entropy_attention.py profile --size cpu-small --steps 3 --warmup 2 --cases reference baseline
     python benchmarks/bench_entropy_attention.py entropy --run results/cpu/runs/ereg-sm-t-scfuffn --data results/cpu/data
     python benchmarks/bench_entropy_attention.py entropy --size cpu-small --T 512 --batch 4   # untrained, random tokens
 
@@ -18,8 +19,9 @@ Cases, all trained by the same bare loop (forward with loss, backward, clip, Ada
   ereg-explicit the same model through the explicit (B, H, T, T) path, as every regularised step
                 ran before (return_attention=True forces it): the 'before' column
 
-Timing: the cases take turns step by step (round robin), so load from other processes hits them
-alike; each case's figure is the median of its measured steps. Memory: each case runs alone in a
+Timing: the cases take turns step by step (round robin, the order reversed every other round), so
+load from other processes hits them alike; each case's figure is the median of its measured steps,
+and the ratios are also given paired (the median over rounds of the two cases' ratio in a round). Memory: each case runs alone in a
 fresh process; after one warm-up step (AdamW allocates its state there) the peak resident set is
 reset (/proc/self/clear_refs) and one step is measured: 'step MiB' is that peak minus the resident
 set just before it (activations, gradients, temporaries; weights and optimizer state excluded).
@@ -101,18 +103,32 @@ def batch(B: int, T: int, seed: int = 1):
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
 
-def time_cases(cases, size, B, T, steps, warmup):
-    """Median wall seconds per step of each case, the cases taking turns step by step."""
+def step_times(cases, size, B, T, steps, warmup) -> dict[str, list[float]]:
+    """Wall seconds of each measured step of each case. The cases take turns step by step, in
+    turn forward and reversed order (A B C, C B A, ...): a case that always ran right after
+    another would inherit its cache and allocator state every time (the phases table below
+    showed a 5-10% swing with the order)."""
     runs = {c: build(c, size, T)[1] for c in cases}
     x, y = batch(B, T)
     times = {c: [] for c in cases}
     for i in range(warmup + steps):
-        for c in cases:
+        for c in (cases if i % 2 == 0 else cases[::-1]):
             t0 = time.perf_counter()
             runs[c](x, y)
             if i >= warmup:
                 times[c].append(time.perf_counter() - t0)
-    return {c: statistics.median(v) for c, v in times.items()}
+    return times
+
+
+def time_cases(cases, size, B, T, steps, warmup):
+    """Median wall seconds per step of each case (`step_times`)."""
+    return {c: statistics.median(v) for c, v in step_times(cases, size, B, T, steps, warmup).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of num's step / den's step in the same round: drift of the machine's load
+    over the run cancels within a round."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def cmd_phases(args) -> None:
@@ -171,7 +187,8 @@ def header(args, extra: str = "") -> None:
 def cmd_steps(args) -> None:
     header(args)
     cases = args.cases
-    med = time_cases(cases, args.size, args.batch, args.T or 128, args.steps, args.warmup)
+    times = step_times(cases, args.size, args.batch, args.T or 128, args.steps, args.warmup)
+    med = {c: statistics.median(v) for c, v in times.items()}
     cfg = ModelConfig.from_preset("SM+LN+G", args.size, vocab_size=VOCAB)
     print(f"\nsize {args.size}: L={cfg.n_layer} H={cfg.n_head} d={cfg.n_embd} T={args.T or 128} V={VOCAB}, "
           f"batch {args.batch}, median of {args.steps} interleaved steps after {args.warmup} warm-up\n")
@@ -184,13 +201,40 @@ def cmd_steps(args) -> None:
     if {"ereg", "twin"} <= med.keys():
         r = med["ereg"] / med["twin"]
         before = "; ".join(f"{c}: {med[c] / med['twin']:.3f}x" for c in ("ereg-flash", "ereg-explicit") if c in med)
-        print(f"\nEReg / twin step time: {r:.3f}x (target <= 1.05x: {'met' if r <= 1.05 else 'MISSED'})"
-              + (f"; before ({before})" if before else ""))
+        print(f"\nEReg / twin step time: {r:.3f}x (target <= 1.05x: {'met' if r <= 1.05 else 'MISSED'}); "
+              f"paired by round: {paired_ratio(times, 'ereg', 'twin'):.3f}x" + (f"; before ({before})" if before else ""))
     if {"reference", "baseline"} <= med.keys():
         b = med["reference"] / med["baseline"]
-        print(f"baseline speed vs reference (reference ms / baseline ms): {b:.3f}x (target >= 1.00x: {'met' if b >= 1 else 'MISSED'})")
+        print(f"baseline speed vs reference (reference ms / baseline ms): {b:.3f}x (target >= 1.00x: {'met' if b >= 1 else 'MISSED'}); "
+              f"paired by round: {paired_ratio(times, 'reference', 'baseline'):.3f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"size": args.size, "batch": args.batch, "ms": {c: v * 1e3 for c, v in med.items()}}, indent=1))
+        Path(args.json).write_text(json.dumps({"size": args.size, "batch": args.batch, "ms": {c: v * 1e3 for c, v in med.items()},
+                                               "step_ms": {c: [t * 1e3 for t in v] for c, v in times.items()}}, indent=1))
+
+
+def cmd_profile(args) -> None:
+    """Self CPU time per ATen op of each case (torch.profiler, the cases one after another), side by
+    side: where two cases' steps differ, op by op, apart from the machine's noise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    header(args)
+    per_op = {}
+    for c in args.cases:
+        _, step = build(c, args.size, args.T or 128)
+        x, y = batch(args.batch, args.T or 128)
+        for _ in range(args.warmup):
+            step(x, y)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                step(x, y)
+        per_op[c] = {e.key: (e.self_cpu_time_total / 1e3 / args.steps, e.count // args.steps) for e in prof.key_averages()}
+    ops = sorted(set().union(*per_op.values()), key=lambda k: -max(v.get(k, (0, 0))[0] for v in per_op.values()))
+    print(f"\nsize {args.size}, batch {args.batch}, self CPU ms per step (calls per step), mean of {args.steps} steps\n")
+    print("| op | " + " | ".join(args.cases) + " |")
+    print("|---|" + "---:|" * len(args.cases))
+    for k in ops[:args.top]:
+        print(f"| {k} | " + " | ".join(f"{per_op[c].get(k, (0, 0))[0]:.1f} ({per_op[c].get(k, (0, 0))[1]})" for c in args.cases) + " |")
+    print("| all ops | " + " | ".join(f"{sum(v[0] for v in per_op[c].values()):.1f}" for c in args.cases) + " |")
 
 
 def cmd_scaling(args) -> None:
@@ -320,6 +364,10 @@ def main() -> None:
     p = sub.add_parser("phases", parents=[common], help="each case's step split into forward, backward, optimizer")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--T", type=int, default=None, help="context (default 128)")
+    p = sub.add_parser("profile", parents=[common], help="self CPU time per op of each case (torch.profiler), side by side")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--T", type=int, default=None, help="context (default 128)")
+    p.add_argument("--top", type=int, default=25, help="ops shown, by largest time")
     p = sub.add_parser("scaling", parents=[common], help="T = 128..1024 at a fixed number of tokens per step")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
@@ -341,7 +389,7 @@ def main() -> None:
     p.add_argument("--T", type=int, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    {"steps": cmd_steps, "phases": cmd_phases, "scaling": cmd_scaling, "entropy": cmd_entropy, "kernel": cmd_kernel,
+    {"steps": cmd_steps, "phases": cmd_phases, "profile": cmd_profile, "scaling": cmd_scaling, "entropy": cmd_entropy, "kernel": cmd_kernel,
      "_memory": _memory_worker}[args.cmd](args)
 
 
