@@ -48,22 +48,12 @@ def train(run: Path, args) -> None:
             raise SystemExit(f"training failed: {' '.join(step)}")
 
 
-def windows(run: Path, T: int, n: int) -> list[np.ndarray]:
-    from piformer.data.shards import TokenData
-    from piformer.run_dir import run_data_dir
-
-    val = np.asarray(TokenData(run_data_dir(run)).val)
-    if len(val) < n * T:
-        raise SystemExit(f"the validation split has {len(val)} tokens, fewer than {n} x {T}")
-    starts = np.linspace(0, len(val) - T, n).astype(int)
-    return [val[s:s + T].astype(np.int64) for s in starts]
-
-
 def measure(args) -> list[dict]:
     from piformer.checkpoint import load_model
     from piformer.pi.jax_forward import state_dict_to_numpy
     from piformer.pi.secure import run_secure, run_secure_prompts
     from piformer.pi.spu_backend import SPUSettings
+    from piformer.pi.tokens import validation_windows
 
     run = Path(args.run)
     if not (run / "checkpoints" / "best" / "model.safetensors").exists():
@@ -77,7 +67,8 @@ def measure(args) -> list[dict]:
     label = args.settings + ("" if args.exp_clip is None else f",exp_clip={args.exp_clip:g}")
     label += ",causal_pack" * args.causal_pack + ",ln_wide" * args.ln_wide
     todo = []
-    for i, ids in enumerate(windows(run, args.seq_len, args.prompts)):
+    prompts, _ = validation_windows(run, args.seq_len, args.prompts, cfg.vocab_size, cfg.block_size)
+    for i, ids in enumerate(prompts):
         key = {"run": str(run), "settings": label, "seq_len": args.seq_len, "prompt": i}
         if not any(all(r.get(k) == v for k, v in key.items()) for r in rows):
             todo.append((key, ids))

@@ -456,3 +456,35 @@ def test_several_prompts_in_one_session_match_one_session_each(baseline_report):
         assert r.seconds > 0
     # the same prompt in its own session: same fixed-point result up to the shares' randomness
     assert abs(results[0].accuracy["max_abs_logit_error"] - baseline_report.accuracy["max_abs_logit_error"]) < 0.02
+
+
+def test_cli_prompts_checks_validation_windows_in_one_session(tmp_path, capsys):
+    """`pi-run --prompts N`: N different windows of the run's validation split, each checked."""
+    from tiny_runs import prepared_data, tiny_run
+
+    from piformer.checkpoint import load_model
+    from piformer.cli import main
+    from piformer.pi.tokens import validation_windows
+
+    run = tiny_run(tmp_path, prepared_data(tmp_path), "SM+ScFuFFN")
+    cfg = load_model(run).config
+    windows, source = validation_windows(run, 6, 3, cfg.vocab_size, cfg.block_size)
+    assert windows.shape == (3, 6) and len({tuple(w) for w in windows}) == 3 and "validation" in source
+
+    assert main(["pi-run", str(run), "--prompts", "3", "--seq-len", "6", "--vocab-chunk", "150", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["prompts"] == 3 and out["predictions"] == 18
+    assert out["argmax_agreement"] == 1.0 and out["max_abs_logit_error"] < 0.05, out
+    assert [p["prompt"] for p in out["per_prompt"]] == [0, 1, 2]
+    assert "prompt 3/3" in captured.err  # one progress line per prompt
+
+    # a tolerance no fixed-point run can meet: every prompt is reported wrong, exit status 4
+    assert main(["pi-run", str(run), "--prompts", "1", "--seq-len", "6", "--vocab-chunk", "150",
+                 "--tolerance", "1e-9"]) == 4
+    assert "WRONG RESULT" in capsys.readouterr().err
+
+    for bad, what in ((["--prompts", "2"], "--seq-len"), (["--prompts", "2", "--seq-len", "4", "--tokens", "1,2"], "--tokens"),
+                      (["--prompts", "100000", "--seq-len", "6"], "fewer than")):
+        assert main(["pi-run", str(run), *bad]) == 2
+        assert what in capsys.readouterr().err

@@ -76,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(p)
     add_token_arguments(p)
     add_spu_arguments(p)
+    p.add_argument("--prompts", type=positive_int, default=None, metavar="N",
+                   help="check correctness on N windows of the run's validation split (--seq-len tokens each, "
+                        "evenly spaced) in one secure session: one line per prompt, then the agreement over all "
+                        "N x T predictions; exit status 4 if any prompt is beyond the tolerance")
     p.add_argument("--two-process", action="store_true",
                    help="server and client as two OS processes over loopback TCP (brpc) instead of two threads")
     p.add_argument("--port", type=int, default=0, help="with --two-process: first of two ports (default: free ports)")
@@ -149,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     cfg, sd = load_weights(args.run_dir, args.checkpoint)
+    if args.prompts:
+        return run_prompts(args, settings, cfg, sd)
     ids, source = resolve_tokens(args.run_dir, args.seq_len, cfg.vocab_size, cfg.block_size,
                                  args.tokens, args.text, args.seed)
     extra = {"checkpoint": str(args.run_dir), "tokens": source}
@@ -183,3 +189,46 @@ def run(args: argparse.Namespace) -> int:
     if args.tolerance is not None:
         judge(report, args.tolerance)
     return print_report(report, args.json, args.ops, extra)
+
+
+def run_prompts(args: argparse.Namespace, settings, cfg, sd) -> int:
+    """`pi-run --prompts N`: N validation windows through one secure session."""
+    from piformer.pi.secure import LOGIT_TOLERANCE, run_secure_prompts, summarise_prompts
+    from piformer.pi.tokens import validation_windows
+
+    clash = [flag for flag, on in (("--tokens", args.tokens), ("--text", args.text), ("--two-process", args.two_process),
+                                   ("--layers", args.layers is not None), ("--last-only", args.last_only),
+                                   ("--measure-rounds", args.measure_rounds)) if on]
+    if clash:
+        raise ValueError(f"--prompts runs whole models on validation windows in one process; drop {', '.join(clash)}")
+    if args.seq_len is None:
+        raise ValueError("--prompts needs --seq-len (tokens per prompt)")
+    prompts, source = validation_windows(args.run_dir, args.seq_len, args.prompts, cfg.vocab_size, cfg.block_size)
+    tolerance = args.tolerance or LOGIT_TOLERANCE
+
+    def line(r) -> None:
+        a = r.accuracy
+        if not args.quiet:
+            print(f"prompt {r.index + 1}/{len(prompts)}: argmax {a['argmax_agreement']:.1%}, "
+                  f"max |dlogit| {a['max_abs_logit_error']:.3g}, {r.seconds:.0f} s", file=sys.stderr, flush=True)
+
+    results = run_secure_prompts(sd, cfg, prompts, settings, vocab_chunk=args.vocab_chunk, on_prompt=line,
+                                 tolerance=tolerance)
+    summary = {"checkpoint": str(args.run_dir), "tokens": source, "settings": settings.to_dict(),
+               "tolerance": tolerance, **summarise_prompts(results, args.seq_len)}
+    if args.json:
+        summary["per_prompt"] = [{"prompt": r.index, "seconds": round(r.seconds, 2), **r.accuracy} for r in results]
+        print(json.dumps(summary, indent=1))
+    else:
+        flips = ", ".join(f"prompt {f['prompt']} position {f['position']} (plaintext top-2 gap {f['plaintext_top2_gap']:.2g})"
+                          for f in summary["argmax_disagreements"]) or "none"
+        print(f"{summary['tokens']}\n"
+              f"argmax agreement {summary['argmax_agreement']:.2%} of {summary['predictions']} next-token predictions; "
+              f"flips: {flips}\n"
+              f"max |secure - plaintext| logit {summary['max_abs_logit_error']:.4g} (tolerance {tolerance:g}); "
+              f"{summary['seconds_per_prompt']:.0f} s per prompt (median)")
+    if summary["prompts_beyond_tolerance"]:
+        print(f"piformer: WRONG RESULT: prompts {summary['prompts_beyond_tolerance']} differ from plaintext beyond "
+              f"tolerance {tolerance:g}", file=sys.stderr)
+        return EXIT_WRONG_RESULT
+    return 0

@@ -516,6 +516,7 @@ def run_secure_prompts(
     settings: SPUSettings | None = None,
     vocab_chunk: int = 4096,
     on_prompt: Callable[[PromptResult], None] | None = None,
+    tolerance: float = LOGIT_TOLERANCE,
 ) -> list[PromptResult]:
     """Secure forwards of N prompts of T tokens each, `prompts` (N, T), in one session.
 
@@ -545,7 +546,7 @@ def run_secure_prompts(
         client_in = jf.one_hot_chunks(ids, program.vocab_chunks)
         logits = _reconstruct(settings, program, shares[CLIENT], shares[SERVER])
         env = jf.run_program(program, {**params, **client_in})
-        acc = _accuracy(logits, jf.logits_of(program, env), settings,
+        acc = _accuracy(logits, jf.logits_of(program, env), settings, tolerance,
                         softmax_span=jf.softmax_input_span(program, env),
                         ln_variance=jf.layernorm_input_variance(program, env))
         results.append(PromptResult(i, seconds, acc))
@@ -579,6 +580,22 @@ def run_secure_prompts(
 
     in_two_threads(party, "secure session")
     return results
+
+
+def summarise_prompts(results: list[PromptResult], seq_len: int) -> dict[str, Any]:
+    """All prompts of a session in one verdict: argmax agreement over every next-token
+    prediction, the largest logit error, and each flip with plaintext's top-2 gap there."""
+    flips = [{"prompt": r.index, **d} for r in results for d in r.accuracy["argmax_disagreements"]]
+    n = len(results) * seq_len
+    worst = max((r.accuracy["max_abs_logit_error"] for r in results), default=float("nan"))
+    return {
+        "prompts": len(results), "predictions": n,
+        "argmax_agreement": 1.0 - len(flips) / n if n else float("nan"),
+        "argmax_disagreements": flips,
+        "max_abs_logit_error": worst,
+        "prompts_beyond_tolerance": [r.index for r in results if not r.accuracy["within_tolerance"]],
+        "seconds_per_prompt": float(np.median([r.seconds for r in results])) if results else float("nan"),
+    }
 
 
 def _reconstruct(settings: SPUSettings, program: jf.Program, mine: dict, theirs: dict) -> np.ndarray:

@@ -63,3 +63,27 @@ def resolve_tokens(
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise ValueError(f"token ids must be in [0, {vocab_size}); got {ids.min()}..{ids.max()}")
     return ids, source
+
+
+def validation_windows(run_dir: str | Path, seq_len: int, n: int, vocab_size: int, block_size: int) -> tuple[np.ndarray, str]:
+    """(n, seq_len) ids: n windows of the run's validation split, evenly spaced from its first
+    token to its last (n different texts), and where they came from."""
+    if not 1 <= seq_len <= block_size:
+        raise ValueError(f"--seq-len {seq_len}: the model takes 1..{block_size} tokens (block_size)")
+    data_dir = run_data_dir(run_dir)
+    if data_dir is None:
+        raise ValueError(f"{run_dir} records no data directory: --prompts reads the run's validation split")
+    from piformer.data.shards import TokenData
+
+    try:
+        val = np.asarray(TokenData(data_dir).val)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"--prompts reads the run's validation split, and {data_dir} has none readable: {err}") from None
+    if len(val) < n * seq_len:
+        raise ValueError(f"the validation split of {data_dir} has {len(val)} tokens, fewer than "
+                         f"--prompts {n} x --seq-len {seq_len}")
+    starts = np.linspace(0, len(val) - seq_len, n).astype(int)
+    ids = np.stack([val[s:s + seq_len] for s in starts]).astype(np.int64)
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"validation token ids must be in [0, {vocab_size}); got {ids.min()}..{ids.max()}")
+    return ids, f"{n} windows of {seq_len} validation tokens of {data_dir}, evenly spaced"
