@@ -211,21 +211,25 @@ class _PartyResult:
     warm_s: float = 0.0
 
 
+def _open_session(rank: int, lctx, settings: SPUSettings, compiled: _Compiled, profile: bool,
+                  progress: Progress | None = None) -> tuple[Any, Any, float]:
+    """(io, runtime, seconds of the setup pass) of party `rank`: its runtime on `lctx`, after the
+    setup pass on dummy inputs has paid SPU's one-time costs."""
+    spu = require_spu()
+    cfg = settings.runtime_config(profile=profile)
+    io, rt = spu.Io(2, cfg), spu.Runtime(lctx, cfg)
+    t0 = time.perf_counter()
+    _execute(rt, io, rank, compiled.setup, compiled.setup_exes, _dummy_inputs(compiled.setup), SETUP_PREFIX, keep=(),
+             progress=(lambda *a: progress("setup pass", *a)) if progress else None)
+    return io, rt, time.perf_counter() - t0
+
+
 def _run_party(rank: int, lctx, settings: SPUSettings, compiled: _Compiled, inputs: dict[str, np.ndarray],
                profile: bool, progress: Progress | None = None) -> _PartyResult:
     """Run the setup pass on dummy inputs, then the whole program, as party `rank`. `inputs`
     holds only this party's own data."""
-    spu = require_spu()
     res = _PartyResult()
-    cfg = settings.runtime_config(profile=profile)
-    io = spu.Io(2, cfg)
-    rt = spu.Runtime(lctx, cfg)
-
-    t0 = time.perf_counter()
-    _execute(rt, io, rank, compiled.setup, compiled.setup_exes, _dummy_inputs(compiled.setup), SETUP_PREFIX, keep=(),
-             progress=(lambda *a: progress("setup pass", *a)) if progress else None)
-    res.warm_s = time.perf_counter() - t0
-
+    io, rt, res.warm_s = _open_session(rank, lctx, settings, compiled, profile, progress)
     t0 = time.perf_counter()
     _execute(rt, io, rank, compiled.program, compiled.exes, inputs, "", keep=compiled.program.logit_outputs,
              progress=(lambda *a: progress("secure forward", *a)) if progress else None)
@@ -376,6 +380,16 @@ def _accuracy(secure: np.ndarray, plain: np.ndarray, settings: SPUSettings,
     }
 
 
+def _check_against_plaintext(logits: np.ndarray, program: jf.Program, inputs: dict[str, np.ndarray],
+                             settings: SPUSettings, tolerance: float = LOGIT_TOLERANCE) -> dict[str, Any]:
+    """`_accuracy` of secure `logits` against the plaintext program run on the same `inputs`
+    (weights and the client's one-hot chunks), with the ranges the fixed point must cover."""
+    env = jf.run_program(program, inputs)
+    return _accuracy(logits, jf.logits_of(program, env), settings, tolerance,
+                     softmax_span=jf.softmax_input_span(program, env),
+                     ln_variance=jf.layernorm_input_variance(program, env))
+
+
 def exp_range_hint(span: float) -> str:
     return (f"softmax inputs reach {span:.4g} below their row's maximum (plaintext run); SPU's exponential is "
             f"accurate only down to -{jf.EXP_VALID_RANGE:g}: rerun with --exp-clip 20 (exact at 18 fraction bits, "
@@ -493,10 +507,7 @@ def run_secure(
     logits = _reconstruct(settings, program, results[CLIENT].outputs, results[SERVER].outputs)
     report.logits = logits
     if check:
-        env = jf.run_program(program, {**params, **client_in})
-        report.accuracy = _accuracy(logits, jf.logits_of(program, env), settings,
-                                    softmax_span=jf.softmax_input_span(program, env),
-                                    ln_variance=jf.layernorm_input_variance(program, env))
+        report.accuracy = _check_against_plaintext(logits, program, {**params, **client_in}, settings)
     return report
 
 
@@ -542,13 +553,9 @@ def run_secure_prompts(
     checked = threading.Barrier(2)  # the client has checked them; the next prompt may start
     results: list[PromptResult] = []
 
-    def check(i: int, ids: np.ndarray, seconds: float) -> None:
-        client_in = jf.one_hot_chunks(ids, program.vocab_chunks)
+    def check(i: int, client_in: dict[str, np.ndarray], seconds: float) -> None:
         logits = _reconstruct(settings, program, shares[CLIENT], shares[SERVER])
-        env = jf.run_program(program, {**params, **client_in})
-        acc = _accuracy(logits, jf.logits_of(program, env), settings, tolerance,
-                        softmax_span=jf.softmax_input_span(program, env),
-                        ln_variance=jf.layernorm_input_variance(program, env))
+        acc = _check_against_plaintext(logits, program, {**params, **client_in}, settings, tolerance)
         results.append(PromptResult(i, seconds, acc))
         if on_prompt is not None:
             on_prompt(results[-1])
@@ -556,12 +563,8 @@ def run_secure_prompts(
     def party(rank: int) -> None:
         import spu.libspu as libspu
 
-        spu = require_spu()
-        rcfg = settings.runtime_config(profile=False)
-        io, rt = spu.Io(2, rcfg), spu.Runtime(libspu.link.create_mem(desc, rank), rcfg)
         try:
-            _execute(rt, io, rank, compiled.setup, compiled.setup_exes, _dummy_inputs(compiled.setup),
-                     SETUP_PREFIX, keep=())
+            io, rt, _ = _open_session(rank, libspu.link.create_mem(desc, rank), settings, compiled, profile=False)
             for i, ids in enumerate(prompts):
                 t0 = time.perf_counter()
                 own = jf.one_hot_chunks(ids, program.vocab_chunks) if rank == CLIENT else server_in
@@ -571,7 +574,7 @@ def run_secure_prompts(
                     rt.del_var(n)
                 ends.wait()
                 if rank == CLIENT:
-                    check(i, ids, time.perf_counter() - t0)
+                    check(i, own, time.perf_counter() - t0)
                 checked.wait()
         except BaseException:
             ends.abort()  # the other party must not wait at a barrier for this one
