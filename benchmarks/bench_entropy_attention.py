@@ -20,7 +20,8 @@ Cases, all trained by the same bare loop (forward with loss, backward, clip, Ada
                 ran before (return_attention=True forces it): the 'before' column
 
 Timing: the cases take turns step by step (round robin, the order reversed every other round), so
-load from other processes hits them alike; each case's figure is the median of its measured steps,
+load from other processes hits them alike (with `steps --isolated` each case lives in a worker
+process of its own, so that no two share a heap or allocator cache); each case's figure is the median of its measured steps,
 and the ratios are also given paired (the median over rounds of the two cases' ratio in a round). Memory: each case runs alone in a
 fresh process; after one warm-up step (AdamW allocates its state there) the peak resident set is
 reset (/proc/self/clear_refs) and one step is measured: 'step MiB' is that peak minus the resident
@@ -34,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -120,15 +122,67 @@ def step_times(cases, size, B, T, steps, warmup) -> dict[str, list[float]]:
     return times
 
 
+def _step_worker(conn, case: str, size: str, B: int, T: int, threads: int) -> None:
+    """One case in a process of its own: build, then one timed step per request."""
+    torch.set_num_threads(threads)
+    step = build(case, size, T)[1]
+    x, y = batch(B, T)
+    conn.send("ready")
+    while conn.recv() == "step":
+        t0 = time.perf_counter()
+        step(x, y)
+        conn.send(time.perf_counter() - t0)
+
+
+def step_times_isolated(cases, size, B, T, steps, warmup, threads) -> dict[str, list[float]]:
+    """As `step_times`, but each case lives in a worker process of its own and the workers step in
+    turn (one computing at a time): the load drift still cancels within a round, while no case
+    shares a heap, an allocator cache or a thread pool with another."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # not fork: the parent's OpenMP pool must not be inherited
+    workers = {}
+    try:
+        for c in cases:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_step_worker, args=(child, c, size, B, T, threads), daemon=True)
+            proc.start()
+            workers[c] = (parent, proc)
+        for parent, _ in workers.values():
+            parent.recv()  # "ready"
+        times = {c: [] for c in cases}
+        for i in range(warmup + steps):
+            for c in (cases if i % 2 == 0 else cases[::-1]):
+                workers[c][0].send("step")
+                t = workers[c][0].recv()
+                if i >= warmup:
+                    times[c].append(t)
+        return times
+    finally:
+        for parent, proc in workers.values():
+            try:
+                parent.send("stop")
+            except OSError:
+                pass
+            proc.join(timeout=30)
+
+
 def time_cases(cases, size, B, T, steps, warmup):
     """Median wall seconds per step of each case (`step_times`)."""
     return {c: statistics.median(v) for c, v in step_times(cases, size, B, T, steps, warmup).items()}
 
 
-def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
-    """Median over rounds of num's step / den's step in the same round: drift of the machine's load
-    over the run cancels within a round."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+def paired_summary(times: dict[str, list[float]], num: str, den: str, resamples: int = 4000) -> str:
+    """The median over rounds of num's step / den's step in the same round (drift of the machine's
+    load over the run cancels within a round), with a 95% bootstrap interval (rounds resampled with
+    replacement, seeded) and the rounds in which num's step took longer: whether a ratio near a
+    target is resolved by the run or lies within its noise."""
+    ratios = [a / b for a, b in zip(times[num], times[den])]
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    lo, hi = meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+    longer = sum(r > 1 for r in ratios)
+    return f"{statistics.median(ratios):.3f}x (95% CI {lo:.3f}-{hi:.3f}; {num} slower in {longer} of {len(ratios)} rounds)"
 
 
 def cmd_phases(args) -> None:
@@ -187,11 +241,15 @@ def header(args, extra: str = "") -> None:
 def cmd_steps(args) -> None:
     header(args)
     cases = args.cases
-    times = step_times(cases, args.size, args.batch, args.T or 128, args.steps, args.warmup)
+    if args.isolated:
+        times = step_times_isolated(cases, args.size, args.batch, args.T or 128, args.steps, args.warmup, args.threads)
+    else:
+        times = step_times(cases, args.size, args.batch, args.T or 128, args.steps, args.warmup)
     med = {c: statistics.median(v) for c, v in times.items()}
     cfg = ModelConfig.from_preset("SM+LN+G", args.size, vocab_size=VOCAB)
     print(f"\nsize {args.size}: L={cfg.n_layer} H={cfg.n_head} d={cfg.n_embd} T={args.T or 128} V={VOCAB}, "
-          f"batch {args.batch}, median of {args.steps} interleaved steps after {args.warmup} warm-up\n")
+          f"batch {args.batch}, median of {args.steps} interleaved steps after {args.warmup} warm-up"
+          f"{', each case in a process of its own' if args.isolated else ', all cases in one process'}\n")
     print("| case | config | ms/step | vs twin | vs reference |")
     print("|---|---|---:|---:|---:|")
     for c in cases:
@@ -202,13 +260,13 @@ def cmd_steps(args) -> None:
         r = med["ereg"] / med["twin"]
         before = "; ".join(f"{c}: {med[c] / med['twin']:.3f}x" for c in ("ereg-flash", "ereg-explicit") if c in med)
         print(f"\nEReg / twin step time: {r:.3f}x (target <= 1.05x: {'met' if r <= 1.05 else 'MISSED'}); "
-              f"paired by round: {paired_ratio(times, 'ereg', 'twin'):.3f}x" + (f"; before ({before})" if before else ""))
+              f"paired by round: {paired_summary(times, 'ereg', 'twin')}" + (f"; before ({before})" if before else ""))
     if {"reference", "baseline"} <= med.keys():
         b = med["reference"] / med["baseline"]
         print(f"baseline speed vs reference (reference ms / baseline ms): {b:.3f}x (target >= 1.00x: {'met' if b >= 1 else 'MISSED'}); "
-              f"paired by round: {paired_ratio(times, 'reference', 'baseline'):.3f}x")
+              f"paired by round: {paired_summary(times, 'reference', 'baseline')}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"size": args.size, "batch": args.batch, "ms": {c: v * 1e3 for c, v in med.items()},
+        Path(args.json).write_text(json.dumps({"size": args.size, "batch": args.batch, "isolated": args.isolated, "ms": {c: v * 1e3 for c, v in med.items()},
                                                "step_ms": {c: [t * 1e3 for t in v] for c, v in times.items()}}, indent=1))
 
 
@@ -218,15 +276,17 @@ def cmd_profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     header(args)
-    per_op = {}
+    per_op, wall = {}, {}
     for c in args.cases:
         _, step = build(c, args.size, args.T or 128)
         x, y = batch(args.batch, args.T or 128)
         for _ in range(args.warmup):
             step(x, y)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
             for _ in range(args.steps):
                 step(x, y)
+            wall[c] = (time.perf_counter() - t0) * 1e3 / args.steps
         per_op[c] = {e.key: (e.self_cpu_time_total / 1e3 / args.steps, e.count // args.steps) for e in prof.key_averages()}
     ops = sorted(set().union(*per_op.values()), key=lambda k: -max(v.get(k, (0, 0))[0] for v in per_op.values()))
     print(f"\nsize {args.size}, batch {args.batch}, self CPU ms per step (calls per step), mean of {args.steps} steps\n")
@@ -234,7 +294,11 @@ def cmd_profile(args) -> None:
     print("|---|" + "---:|" * len(args.cases))
     for k in ops[:args.top]:
         print(f"| {k} | " + " | ".join(f"{per_op[c].get(k, (0, 0))[0]:.1f} ({per_op[c].get(k, (0, 0))[1]})" for c in args.cases) + " |")
-    print("| all ops | " + " | ".join(f"{sum(v[0] for v in per_op[c].values()):.1f}" for c in args.cases) + " |")
+    ops_ms = {c: sum(v[0] for v in per_op[c].values()) for c in args.cases}
+    print("| all ops | " + " | ".join(f"{ops_ms[c]:.1f}" for c in args.cases) + " |")
+    # what no op accounts for: Python, module calls, the dispatcher, the autograd engine
+    print("| wall per step (profiled) | " + " | ".join(f"{wall[c]:.1f}" for c in args.cases) + " |")
+    print("| wall outside ops | " + " | ".join(f"{wall[c] - ops_ms[c]:.1f}" for c in args.cases) + " |")
 
 
 def cmd_scaling(args) -> None:
@@ -361,6 +425,8 @@ def main() -> None:
     p = sub.add_parser("steps", parents=[common], help="every case at one shape")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--T", type=int, default=None, help="context (default 128)")
+    p.add_argument("--isolated", action="store_true",
+                   help="each case in a worker process of its own (still stepping in turn), not all in one process")
     p = sub.add_parser("phases", parents=[common], help="each case's step split into forward, backward, optimizer")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--T", type=int, default=None, help="context (default 128)")
