@@ -11,6 +11,7 @@ nanoGPT-style model, step time and memory as T grows, and entropy measurement be
 
 Cases, all trained by the same bare loop (forward with loss, backward, clip, AdamW, zero_grad):
   reference     nanoGPT-style GPT (fused c_attn, SDPA), from bench_train_throughput.py
+  reference-split  the same with three d x d q/k/v projections, as piformer's model (an ablation)
   baseline      piformer SM+LN+G
   twin          piformer SM(t)+ScFuFFN (fused SDPA, no entropies)
   ereg          piformer EReg(SM(t)+ScFuFFN): fused attention with row entropies, the C++ kernel
@@ -53,6 +54,7 @@ from piformer.model import PiGPT  # noqa: E402
 
 CASES = {
     "reference": None,
+    "reference-split": None,
     "baseline": "SM+LN+G",
     "twin": "SM(t)+ScFuFFN",
     "ereg": "EReg(SM(t)+ScFuFFN)",
@@ -68,8 +70,8 @@ def build(case: str, size: str, T: int, seed: int = 0, phases: dict[str, float] 
     With `phases`, each step also writes its forward, backward and optimizer seconds there."""
     torch.manual_seed(seed)
     cfg = ModelConfig.from_preset(CASES[case] or "SM+LN+G", size, vocab_size=VOCAB, block_size=T)
-    if case == "reference":
-        model = RefGPT(VOCAB, T, cfg.n_layer, cfg.n_head, cfg.n_embd)
+    if case.startswith("reference"):
+        model = RefGPT(VOCAB, T, cfg.n_layer, cfg.n_head, cfg.n_embd, split_qkv=case == "reference-split")
         loss_fn = lambda x, y: model(x, y)  # noqa: E731
     else:
         model = PiGPT(cfg)
@@ -254,8 +256,8 @@ def cmd_steps(args) -> None:
     print("|---|---|---:|---:|---:|")
     for c in cases:
         vs_twin = f"{med[c] / med['twin']:.3f}x" if c.startswith("ereg") or c == "twin" else ""
-        vs_ref = f"{med['reference'] / med[c]:.3f}x" if c in ("reference", "baseline") else ""
-        print(f"| {c} | {CASES[c] or 'nanoGPT-style'} | {med[c] * 1e3:.1f} | {vs_twin} | {vs_ref} |")
+        vs_ref = f"{med['reference'] / med[c]:.3f}x" if c in ("reference", "reference-split", "baseline") and "reference" in med else ""
+        print(f"| {c} | {CASES[c] or ('nanoGPT-style, split q/k/v' if c == 'reference-split' else 'nanoGPT-style')} | {med[c] * 1e3:.1f} | {vs_twin} | {vs_ref} |")
     if {"ereg", "twin"} <= med.keys():
         r = med["ereg"] / med["twin"]
         before = "; ".join(f"{c}: {med[c] / med['twin']:.3f}x" for c in ("ereg-flash", "ereg-explicit") if c in med)
@@ -265,6 +267,12 @@ def cmd_steps(args) -> None:
         b = med["reference"] / med["baseline"]
         print(f"baseline speed vs reference (reference ms / baseline ms): {b:.3f}x (target >= 1.00x: {'met' if b >= 1 else 'MISSED'}); "
               f"paired by round: {paired_summary(times, 'reference', 'baseline')}")
+    if {"reference", "reference-split"} <= med.keys():
+        print(f"the reference with three q/k/v projections (reference ms / reference-split ms), paired by round: "
+              f"{paired_summary(times, 'reference', 'reference-split')}")
+    if {"reference-split", "baseline"} <= med.keys():
+        print(f"baseline vs the reference with three q/k/v projections, paired by round: "
+              f"{paired_summary(times, 'reference-split', 'baseline')}")
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "batch": args.batch, "isolated": args.isolated, "ms": {c: v * 1e3 for c, v in med.items()},
                                                "step_ms": {c: [t * 1e3 for t in v] for c, v in times.items()}}, indent=1))
@@ -420,7 +428,7 @@ def main() -> None:
     common.add_argument("--steps", type=int, default=5)
     common.add_argument("--warmup", type=int, default=1)
     common.add_argument("--json", default=None)
-    common.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
+    common.add_argument("--cases", nargs="+", choices=list(CASES), default=[c for c in CASES if c != "reference-split"],
                         help="cases to run (steps, scaling); default all; 'twin' and 'ereg' give the ratio")
     p = sub.add_parser("steps", parents=[common], help="every case at one shape")
     p.add_argument("--batch", type=int, default=16)

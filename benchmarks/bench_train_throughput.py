@@ -42,16 +42,21 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class RefBlock(nn.Module):
-    def __init__(self, d: int, h: int):
+    def __init__(self, d: int, h: int, split_qkv: bool = False):
         super().__init__()
         self.h = h
         self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        # split_qkv: three d x d projections as piformer's model has, not nanoGPT's one d x 3d
+        # (an ablation: the only structural difference between the two models)
+        self.qkv = nn.ModuleList([nn.Linear(d, d) for _ in range(3)]) if split_qkv else None
+        self.c_attn = None if split_qkv else nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
         self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        a = self.ln_1(x)
+        q, k, v = (p(a) for p in self.qkv) if self.qkv is not None else self.c_attn(a).split(C, dim=2)
         q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(B, T, C)
         x = x + self.c_proj(y)
@@ -59,10 +64,10 @@ class RefBlock(nn.Module):
 
 
 class RefGPT(nn.Module):
-    def __init__(self, vocab: int, T: int, L: int, H: int, d: int):
+    def __init__(self, vocab: int, T: int, L: int, H: int, d: int, split_qkv: bool = False):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(T, d)
-        self.h = nn.ModuleList([RefBlock(d, H) for _ in range(L)])
+        self.h = nn.ModuleList([RefBlock(d, H, split_qkv) for _ in range(L)])
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
