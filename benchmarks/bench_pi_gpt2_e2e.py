@@ -6,7 +6,9 @@ built-in corpus's vocabulary) so that the logits are a trained model's, then
 window (128 real tokens: 128 next-token predictions, each checked against plaintext).
 
 Every stage is a `piformer` command (printed, so it can be rerun by hand); every result is
-saved as soon as it exists, and a rerun skips what is already saved.
+saved as soon as it exists, and a rerun skips what is already saved. A pi-run that dies (the
+OOM killer at a T too large for the machine) is saved too, under `<key>/failed`, with its exit
+status and last progress line; a rerun tries it again.
 
     nohup python benchmarks/bench_pi_gpt2_e2e.py > out/bench_pi_gpt2_e2e.log 2>&1 &
     python benchmarks/bench_pi_gpt2_e2e.py --extrapolate   # also --layers 0 / 1: the x12 extrapolation, checked
@@ -81,7 +83,16 @@ def measure(preset: str, args, results: dict, layers: int | None = None) -> None
     proc = sh(cmd, log=Path(args.out) / f"{preset}.pi-run.log")
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 4):  # 4 = ran, but the secure logits disagree with plaintext
-        raise SystemExit(f"pi-run {preset} failed with exit status {proc.returncode}; see the log")
+        # A run that dies (the kernel's OOM killer: -9) is a result too: which shape did not fit,
+        # how far it got. Saved under its own key so that a rerun tries it again.
+        log = Path(args.out) / f"{preset}.pi-run.log"
+        progress = [ln for ln in log.read_text().splitlines() if " done (step " in ln] if log.exists() else []
+        results[f"{key}/failed"] = {"command": " ".join(["piformer"] + cmd[3:]), "exit_status": proc.returncode,
+                                     "wall_s": round(wall, 1), "last_progress": progress[-1] if progress else None,
+                                     "killed_by_signal": -proc.returncode if proc.returncode < 0 else None}
+        atomic_write_text(Path(args.results), json.dumps(results, indent=1) + "\n")
+        raise SystemExit(f"pi-run {preset} failed with exit status {proc.returncode} after {wall:.0f} s "
+                         f"(last: {progress[-1] if progress else 'no progress line'}); saved to {args.results}; see {log}")
     report = json.loads(proc.stdout)
     status = json.loads((run / "status.json").read_text()) if (run / "status.json").exists() else {}
     results[key] = {"command": " ".join(["piformer"] + cmd[3:]), "exit_status": proc.returncode, "wall_s": round(wall, 1),
@@ -134,7 +145,7 @@ def report(results: dict) -> str:
              "max abs logit err | argmax agreement | extrapolated GB | extrapolation error | exit |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, v in results.items():
-        if "/layers" in key:
+        if "/layers" in key or "report" not in v:
             continue
         r = v["report"]
         acc = r["accuracy"]
@@ -152,7 +163,7 @@ def report(results: dict) -> str:
               "| model, settings, T | shared MB | block MB min / max | worst error of L x one block + shared |",
               "|---|---:|---:|---:|"]
     for key, v in results.items():
-        if "/layers" in key:
+        if "/layers" in key or "report" not in v:
             continue
         r = v["report"]
         blocks: dict[int, int] = {}
@@ -164,6 +175,10 @@ def report(results: dict) -> str:
         worst = max(abs(len(blocks) * b + shared - r["total_bytes"]) for b in blocks.values()) / r["total_bytes"]
         lines.append(f"| {key} | {shared / 1e6:.1f} | {min(blocks.values()) / 1e6:.1f} / {max(blocks.values()) / 1e6:.1f} "
                      f"| {worst:.2%} |")
+    failed = [f"- {key}: exit status {v['exit_status']} after {v['wall_s'] / 60:.1f} min, last progress: "
+              f"{v['last_progress'] or 'none'}" for key, v in results.items() if "report" not in v]
+    if failed:
+        lines += ["", "Runs that did not finish:", "", *failed]
     return "\n".join(lines)
 
 

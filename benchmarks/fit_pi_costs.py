@@ -274,6 +274,8 @@ def validate_gpt2(costs: dict) -> list[dict]:
 
     rows = []
     for key, entry in json.loads(GPT2_E2E.read_text()).items():
+        if "report" not in entry:  # a run that did not finish (bench_pi_gpt2_e2e.py saves those too)
+            continue
         rep = entry["report"]
         cfg = ModelConfig(**rep["config"])
         if rep["layers_run"] != cfg.n_layer:
