@@ -61,6 +61,7 @@ CASES = {
     "ereg-flash": "EReg(SM(t)+ScFuFFN)",
     "ereg-explicit": "EReg(SM(t)+ScFuFFN)",
 }
+REFERENCE_LABEL = {"reference": "nanoGPT-style", "reference-split": "nanoGPT-style, split q/k/v"}  # cases with no preset
 KERNEL = {"ereg": "cpp", "ereg-flash": "flash"}  # the entropy kernel each case runs
 VOCAB = 8192
 
@@ -114,13 +115,24 @@ def step_times(cases, size, B, T, steps, warmup) -> dict[str, list[float]]:
     showed a 5-10% swing with the order)."""
     runs = {c: build(c, size, T)[1] for c in cases}
     x, y = batch(B, T)
+
+    def one_step(c: str) -> float:
+        t0 = time.perf_counter()
+        runs[c](x, y)
+        return time.perf_counter() - t0
+
+    return _take_turns(cases, steps, warmup, one_step)
+
+
+def _take_turns(cases, steps, warmup, one_step) -> dict[str, list[float]]:
+    """Seconds of each measured step of each case, `one_step(case)` timing one: forward and
+    reversed order in turn, the first `warmup` rounds not kept."""
     times = {c: [] for c in cases}
     for i in range(warmup + steps):
         for c in (cases if i % 2 == 0 else cases[::-1]):
-            t0 = time.perf_counter()
-            runs[c](x, y)
+            t = one_step(c)
             if i >= warmup:
-                times[c].append(time.perf_counter() - t0)
+                times[c].append(t)
     return times
 
 
@@ -152,14 +164,12 @@ def step_times_isolated(cases, size, B, T, steps, warmup, threads) -> dict[str, 
             workers[c] = (parent, proc)
         for parent, _ in workers.values():
             parent.recv()  # "ready"
-        times = {c: [] for c in cases}
-        for i in range(warmup + steps):
-            for c in (cases if i % 2 == 0 else cases[::-1]):
-                workers[c][0].send("step")
-                t = workers[c][0].recv()
-                if i >= warmup:
-                    times[c].append(t)
-        return times
+
+        def one_step(c: str) -> float:
+            workers[c][0].send("step")
+            return workers[c][0].recv()
+
+        return _take_turns(cases, steps, warmup, one_step)
     finally:
         for parent, proc in workers.values():
             try:
@@ -257,7 +267,7 @@ def cmd_steps(args) -> None:
     for c in cases:
         vs_twin = f"{med[c] / med['twin']:.3f}x" if c.startswith("ereg") or c == "twin" else ""
         vs_ref = f"{med['reference'] / med[c]:.3f}x" if c in ("reference", "reference-split", "baseline") and "reference" in med else ""
-        print(f"| {c} | {CASES[c] or ('nanoGPT-style, split q/k/v' if c == 'reference-split' else 'nanoGPT-style')} | {med[c] * 1e3:.1f} | {vs_twin} | {vs_ref} |")
+        print(f"| {c} | {CASES[c] or REFERENCE_LABEL[c]} | {med[c] * 1e3:.1f} | {vs_twin} | {vs_ref} |")
     if {"ereg", "twin"} <= med.keys():
         r = med["ereg"] / med["twin"]
         before = "; ".join(f"{c}: {med[c] / med['twin']:.3f}x" for c in ("ereg-flash", "ereg-explicit") if c in med)

@@ -79,15 +79,19 @@ def measure(preset: str, args, results: dict, layers: int | None = None) -> None
         print(f"{key}: saved already, skipped", flush=True)
         return
     cmd = pi_command(run, args, layers)
+    command = " ".join(["piformer"] + cmd[3:])
+    log = Path(args.out) / f"{preset}.pi-run.log"
+    log_start = log.stat().st_size if log.exists() else 0  # the log is appended to: this run's part starts here
     t0 = time.perf_counter()
-    proc = sh(cmd, log=Path(args.out) / f"{preset}.pi-run.log")
+    proc = sh(cmd, log=log)
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 4):  # 4 = ran, but the secure logits disagree with plaintext
         # A run that dies (the kernel's OOM killer: -9) is a result too: which shape did not fit,
         # how far it got. Saved under its own key so that a rerun tries it again.
-        log = Path(args.out) / f"{preset}.pi-run.log"
-        progress = [ln for ln in log.read_text().splitlines() if " done (step " in ln] if log.exists() else []
-        results[f"{key}/failed"] = {"command": " ".join(["piformer"] + cmd[3:]), "exit_status": proc.returncode,
+        with open(log, "rb") as f:
+            f.seek(log_start)
+            progress = [ln for ln in f.read().decode(errors="replace").splitlines() if " done (step " in ln]
+        results[f"{key}/failed"] = {"command": command, "exit_status": proc.returncode,
                                      "wall_s": round(wall, 1), "last_progress": progress[-1] if progress else None,
                                      "killed_by_signal": -proc.returncode if proc.returncode < 0 else None}
         atomic_write_text(Path(args.results), json.dumps(results, indent=1) + "\n")
@@ -95,7 +99,7 @@ def measure(preset: str, args, results: dict, layers: int | None = None) -> None
                          f"(last: {progress[-1] if progress else 'no progress line'}); saved to {args.results}; see {log}")
     report = json.loads(proc.stdout)
     status = json.loads((run / "status.json").read_text()) if (run / "status.json").exists() else {}
-    results[key] = {"command": " ".join(["piformer"] + cmd[3:]), "exit_status": proc.returncode, "wall_s": round(wall, 1),
+    results[key] = {"command": command, "exit_status": proc.returncode, "wall_s": round(wall, 1),
                     "train_command": " ".join(["piformer"] + train_command(preset, run, args)[3:]),
                     "train_best_val_loss": status.get("best_val_loss"), "train_step": status.get("step"), "report": report}
     atomic_write_text(Path(args.results), json.dumps(results, indent=1) + "\n")
