@@ -4,6 +4,7 @@ nanoGPT-style model, step time and memory as T grows, and entropy measurement be
     python benchmarks/bench_entropy_attention.py steps --size cpu-small --batch 16
     python benchmarks/bench_entropy_attention.py scaling --tokens 2048
     python benchmarks/bench_entropy_attention.py kernel --batch 16 --heads 8 --T 128 --head-dim 32
+    python benchmarks/bench_entropy_attention.py loss --rows 2048 --width 256 --steps 25 --warmup 3
     python benchmarks/bench_entropy_attention.py phases --size gpt2-small --batch 8 --cases reference baseline
     python benchmarks/bench_entropy_attention.py profile --size cpu-small --steps 3 --warmup 2 --cases reference baseline
     python benchmarks/bench_entropy_attention.py entropy --run results/cpu/runs/ereg-sm-t-scfuffn --data results/cpu/data
@@ -12,7 +13,8 @@ nanoGPT-style model, step time and memory as T grows, and entropy measurement be
 Cases, all trained by the same bare loop (forward with loss, backward, clip, AdamW, zero_grad):
   reference     nanoGPT-style GPT (fused c_attn, SDPA), from bench_train_throughput.py
   reference-split  the same with three d x d q/k/v projections, as piformer's model (an ablation)
-  baseline      piformer SM+LN+G
+  baseline      piformer SM+LN+G (its loss straight from the hidden states in chunks, piformer.loss)
+  baseline-full-loss  the same with the loss from full (B, T, V) logits, as before (PIFORMER_LOSS=full)
   twin          piformer SM(t)+ScFuFFN (fused SDPA, no entropies)
   ereg          piformer EReg(SM(t)+ScFuFFN): fused attention with row entropies, the C++ kernel
                 at head width D (piformer.attention, kernel "cpp"; the default)
@@ -50,12 +52,14 @@ from bench_train_throughput import RefGPT  # noqa: E402
 
 from piformer.attention import KERNEL_ENV  # noqa: E402
 from piformer.config import ModelConfig, RegLoss  # noqa: E402
+from piformer.loss import LOSS_ENV  # noqa: E402
 from piformer.model import PiGPT  # noqa: E402
 
 CASES = {
     "reference": None,
     "reference-split": None,
     "baseline": "SM+LN+G",
+    "baseline-full-loss": "SM+LN+G",
     "twin": "SM(t)+ScFuFFN",
     "ereg": "EReg(SM(t)+ScFuFFN)",
     "ereg-flash": "EReg(SM(t)+ScFuFFN)",
@@ -63,6 +67,7 @@ CASES = {
 }
 REFERENCE_LABEL = {"reference": "nanoGPT-style", "reference-split": "nanoGPT-style, split q/k/v"}  # cases with no preset
 KERNEL = {"ereg": "cpp", "ereg-flash": "flash"}  # the entropy kernel each case runs
+FULL_LOSS = {"baseline-full-loss"}  # cases whose loss forms the (B, T, V) logits (PIFORMER_LOSS=full)
 VOCAB = 8192
 
 
@@ -87,6 +92,7 @@ def build(case: str, size: str, T: int, seed: int = 0, phases: dict[str, float] 
     def step(x, y):
         if case in KERNEL:  # read at each call: cases taking turns in one process each get theirs
             os.environ[KERNEL_ENV] = KERNEL[case]
+        os.environ[LOSS_ENV] = "full" if case in FULL_LOSS else "chunked"
         t0 = time.perf_counter()
         loss = loss_fn(x, y)
         t1 = time.perf_counter()
@@ -266,7 +272,7 @@ def cmd_steps(args) -> None:
     print("|---|---|---:|---:|---:|")
     for c in cases:
         vs_twin = f"{med[c] / med['twin']:.3f}x" if c.startswith("ereg") or c == "twin" else ""
-        vs_ref = f"{med['reference'] / med[c]:.3f}x" if c in ("reference", "reference-split", "baseline") and "reference" in med else ""
+        vs_ref = f"{med['reference'] / med[c]:.3f}x" if c in ("reference", "reference-split", "baseline", "baseline-full-loss") and "reference" in med else ""
         print(f"| {c} | {CASES[c] or REFERENCE_LABEL[c]} | {med[c] * 1e3:.1f} | {vs_twin} | {vs_ref} |")
     if {"ereg", "twin"} <= med.keys():
         r = med["ereg"] / med["twin"]
@@ -277,6 +283,9 @@ def cmd_steps(args) -> None:
         b = med["reference"] / med["baseline"]
         print(f"baseline speed vs reference (reference ms / baseline ms): {b:.3f}x (target >= 1.00x: {'met' if b >= 1 else 'MISSED'}); "
               f"paired by round: {paired_summary(times, 'reference', 'baseline')}")
+    if {"reference", "baseline-full-loss"} <= med.keys():
+        print(f"before (the loss from full (B, T, V) logits): reference ms / baseline-full-loss ms, paired by round: "
+              f"{paired_summary(times, 'reference', 'baseline-full-loss')}")
     if {"reference", "reference-split"} <= med.keys():
         print(f"the reference with three q/k/v projections (reference ms / reference-split ms), paired by round: "
               f"{paired_summary(times, 'reference', 'reference-split')}")
@@ -429,6 +438,38 @@ def cmd_kernel(args) -> None:
         print(f"| {k} | {v * 1e3:.1f} | {v / med['sdpa']:.2f}x |")
 
 
+def cmd_loss(args) -> None:
+    """The loss alone, forward + backward from the final hidden states: F.cross_entropy over full
+    logits against piformer.loss's chunked loss at several chunk sizes, side by side."""
+    from piformer.loss import linear_cross_entropy
+
+    header(args)
+    N, C, V = args.rows, args.width, args.vocab
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g) * 0.02
+    targets = torch.randint(0, V, (N,), generator=g)
+    losses = {"full": lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets)}
+    for rows in args.chunks:
+        losses[f"chunked {rows}"] = lambda h, w, rows=rows: linear_cross_entropy(h, w, targets, chunk_rows=rows)
+
+    def one_step(name: str) -> float:
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        t0 = time.perf_counter()
+        losses[name](h, w).backward()
+        return time.perf_counter() - t0
+
+    times = _take_turns(list(losses), args.steps, args.warmup, one_step)
+    print(f"\nloss forward + backward from hidden (N={N}, C={C}) and weight (V={V}), median of {args.steps} "
+          f"interleaved runs after {args.warmup} warm-up\n")
+    print("| loss | ms | paired vs full (95% CI) |")
+    print("|---|---:|---|")
+    for name, t in times.items():
+        print(f"| {name} | {statistics.median(t) * 1e3:.1f} | {'' if name == 'full' else paired_summary(times, name, 'full')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": N, "width": C, "vocab": V,
+                                               "step_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -467,6 +508,11 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--T", type=int, default=128)
     p.add_argument("--head-dim", type=int, default=32)
+    p = sub.add_parser("loss", parents=[common], help="the loss alone: full logits against the chunked loss")
+    p.add_argument("--rows", type=int, default=2048, help="tokens per step (B x T)")
+    p.add_argument("--width", type=int, default=256, help="hidden width C")
+    p.add_argument("--vocab", type=int, default=VOCAB)
+    p.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512, 1024, 2048], help="rows per chunk to try")
     p = sub.add_parser("_memory", parents=[common])
     p.add_argument("case", choices=list(CASES))
     p.add_argument("--batch", type=int, required=True)
@@ -474,7 +520,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     {"steps": cmd_steps, "phases": cmd_phases, "profile": cmd_profile, "scaling": cmd_scaling, "entropy": cmd_entropy, "kernel": cmd_kernel,
-     "_memory": _memory_worker}[args.cmd](args)
+     "loss": cmd_loss, "_memory": _memory_worker}[args.cmd](args)
 
 
 if __name__ == "__main__":

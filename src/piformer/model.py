@@ -29,6 +29,7 @@ from torch.nn.utils import parametrizations, parametrize
 from .attention import attention_with_entropy, fused_entropy_unsupported, warn_fallback_once
 from .config import ModelConfig, RegLoss
 from .entropy import entropy_penalty, outside_tolerance, softmax_with_entropy
+from .loss import chunked_loss_unsupported, full_cross_entropy, linear_cross_entropy, requested_loss
 
 # What each attention layer computes (PiGPT.forward picks one per call):
 FAST = "fast"  # fused SDPA: no entropies (plain training, inference)
@@ -38,8 +39,10 @@ EXPLICIT = "explicit"  # the (B, H, T, T) probabilities themselves (return_atten
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
-    """(B, T, V) next-token logits."""
+    hidden: torch.Tensor
+    """(B, T, C) final hidden states, after ln_f: the logits are lm_head(hidden)."""
+    head: nn.Module = field(repr=False)
+    """The output projection (lm_head) that maps `hidden` to logits."""
     loss: torch.Tensor | None = None
     """Training objective: ce_loss + reg_lambda * entropy penalty (when entropy_reg is on)."""
     ce_loss: torch.Tensor | None = None
@@ -56,6 +59,15 @@ class ModelOutput:
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
     """Stable names for analysis: 'blocks.{l}.attn.hook_pattern' (B, H, T, T) and
     'blocks.{l}.attn.hook_entropy' (B, H, T), row entropies, when return_attention=True."""
+    _logits: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(B, T, V) next-token logits. A forward with targets and gradients on computes its loss
+        without them (piformer.loss); they are then computed here, on first read."""
+        if self._logits is None:
+            self._logits = self.head(self.hidden)
+        return self._logits
 
 
 def _linear(config: ModelConfig, fan_in: int, fan_out: int) -> nn.Linear:
@@ -275,10 +287,13 @@ class PiGPT(nn.Module):
             x, probs, row_ent = block(x, mode)
             attentions.append(probs)
             row_entropies.append(row_ent)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
-
-        out = ModelOutput(logits=logits)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        out = ModelOutput(hidden=x, head=self.lm_head)
+        # Training reads only the loss: take it from x in chunks, never forming (B, T, V) logits.
+        chunked = (targets is not None and torch.is_grad_enabled() and requested_loss() == "chunked"
+                   and chunked_loss_unsupported(x, self.lm_head.weight) is None)
+        if not chunked:
+            out._logits = self.lm_head(x)  # (B, T, V)
         if need_entropy:
             ent = torch.stack(row_entropies)  # (L, B, H, T)
             out.head_entropy = ent.mean(dim=(1, 3))  # (L, H), Eq. 7
@@ -288,8 +303,11 @@ class PiGPT(nn.Module):
                 out.cache[f"blocks.{l}.attn.hook_pattern"] = p
                 out.cache[f"blocks.{l}.attn.hook_entropy"] = e
         if targets is not None:
-            # reshape, not view: targets may be a strided slice such as idx[:, 1:]
-            out.ce_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if chunked:
+                # reshape, not view: targets may be a strided slice such as idx[:, 1:]
+                out.ce_loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+            else:
+                out.ce_loss = full_cross_entropy(out.logits, targets)
             out.loss = out.ce_loss
             if regularise:
                 reg = reg or RegLoss()
