@@ -15,6 +15,7 @@ Cases, all trained by the same bare loop (forward with loss, backward, clip, Ada
   reference-split  the same with three d x d q/k/v projections, as piformer's model (an ablation)
   baseline      piformer SM+LN+G (its loss straight from the hidden states in chunks, piformer.loss)
   baseline-full-loss  the same with the loss from full (B, T, V) logits, as before (PIFORMER_LOSS=full)
+  twin-full-loss, ereg-full-loss  twin and ereg with the loss from full logits (ablations)
   twin          piformer SM(t)+ScFuFFN (fused SDPA, no entropies)
   ereg          piformer EReg(SM(t)+ScFuFFN): fused attention with row entropies, the C++ kernel
                 at head width D (piformer.attention, kernel "cpp"; the default)
@@ -24,16 +25,19 @@ Cases, all trained by the same bare loop (forward with loss, backward, clip, Ada
 
 Timing: the cases take turns step by step (round robin, the order reversed every other round), so
 load from other processes hits them alike (with `steps --isolated` each case lives in a worker
-process of its own, so that no two share a heap or allocator cache); each case's figure is the median of its measured steps,
+process of its own, so that no two share a heap or allocator cache; `--processes K` repeats that
+with fresh processes K times, for intervals over runs); each case's figure is the median of its measured steps,
 and the ratios are also given paired (the median over rounds of the two cases' ratio in a round). Memory: each case runs alone in a
 fresh process; after one warm-up step (AdamW allocates its state there) the peak resident set is
 reset (/proc/self/clear_refs) and one step is measured: 'step MiB' is that peak minus the resident
-set just before it (activations, gradients, temporaries; weights and optimizer state excluded).
+set just before it (activations, gradients, temporaries; weights and optimizer state excluded),
+with every block over 64 KiB mapped on its own so that freed memory leaves the resident set.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -64,10 +68,13 @@ CASES = {
     "ereg": "EReg(SM(t)+ScFuFFN)",
     "ereg-flash": "EReg(SM(t)+ScFuFFN)",
     "ereg-explicit": "EReg(SM(t)+ScFuFFN)",
+    "twin-full-loss": "SM(t)+ScFuFFN",
+    "ereg-full-loss": "EReg(SM(t)+ScFuFFN)",
 }
+OPTIONAL = ("reference-split", "twin-full-loss", "ereg-full-loss")  # ablations: run when named in --cases
 REFERENCE_LABEL = {"reference": "nanoGPT-style", "reference-split": "nanoGPT-style, split q/k/v"}  # cases with no preset
-KERNEL = {"ereg": "cpp", "ereg-flash": "flash"}  # the entropy kernel each case runs
-FULL_LOSS = {"baseline-full-loss"}  # cases whose loss forms the (B, T, V) logits (PIFORMER_LOSS=full)
+KERNEL = {"ereg": "cpp", "ereg-flash": "flash", "ereg-full-loss": "cpp"}  # the entropy kernel each case runs
+FULL_LOSS = {"baseline-full-loss", "twin-full-loss", "ereg-full-loss"}  # cases whose loss forms the (B, T, V) logits (PIFORMER_LOSS=full)
 VOCAB = 8192
 
 
@@ -203,6 +210,25 @@ def paired_summary(times: dict[str, list[float]], num: str, den: str, resamples:
     return f"{statistics.median(ratios):.3f}x (95% CI {lo:.3f}-{hi:.3f}; {num} slower in {longer} of {len(ratios)} rounds)"
 
 
+def paired_runs_summary(runs: list[dict[str, list[float]]], num: str, den: str, resamples: int = 2000) -> str:
+    """As `paired_summary` over several runs, each in fresh worker processes: a process's own
+    placement (heap, pages, threads) shifts all of its steps alike, which rounds within one run
+    cannot average out. The interval resamples runs, then rounds within each (hierarchical
+    bootstrap); each run's own paired ratio is listed."""
+    per_run = [[a / b for a, b in zip(r[num], r[den])] for r in runs]
+    rng = random.Random(0)
+    meds = []
+    for _ in range(resamples):
+        pooled = [x for ratios in rng.choices(per_run, k=len(per_run)) for x in rng.choices(ratios, k=len(ratios))]
+        meds.append(statistics.median(pooled))
+    meds.sort()
+    lo, hi = meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+    each = ", ".join(f"{statistics.median(r):.3f}" for r in per_run)
+    pooled = [x for r in per_run for x in r]
+    return (f"{statistics.median(pooled):.3f}x (95% CI {lo:.3f}-{hi:.3f} over {len(runs)} runs of fresh processes; "
+            f"each run: {each})")
+
+
 def cmd_phases(args) -> None:
     """Each case's step split into forward, backward and optimizer (clip + AdamW), interleaved."""
     header(args)
@@ -233,10 +259,17 @@ def _status_kib(field: str) -> int:
 
 
 def step_memory_mib(case, size, B, T, threads) -> float:
-    """Peak resident memory of one training step above the resident set before it, in a fresh process."""
+    """Peak resident memory of one training step above the resident set before it, in a fresh process.
+
+    glibc would keep the blocks the warm-up step freed and hand them out again, so a step could
+    peak without raising the resident set at all (the smaller the step, the more of it hides).
+    The worker therefore runs with MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB, which gives every
+    larger block its own mapping, returned to the system when freed, and trims the heap before
+    measuring: the resident set then follows the live tensors."""
     cmd = [sys.executable, __file__, "_memory", case, "--size", size, "--batch", str(B), "--T", str(T),
            "--threads", str(threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["step_mib"]
 
 
@@ -244,6 +277,7 @@ def _memory_worker(args) -> None:
     _, step = build(args.case, args.size, args.T)
     x, y = batch(args.batch, args.T)
     step(x, y)  # warm-up: AdamW state, allocator
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the heap's free blocks back: RSS = what is live
     before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     step(x, y)
@@ -259,19 +293,24 @@ def header(args, extra: str = "") -> None:
 def cmd_steps(args) -> None:
     header(args)
     cases = args.cases
-    if args.isolated:
-        times = step_times_isolated(cases, args.size, args.batch, args.T or 128, args.steps, args.warmup, args.threads)
+    runs = []
+    if args.isolated or args.processes > 1:
+        args.isolated = True
+        for _ in range(args.processes):
+            runs.append(step_times_isolated(cases, args.size, args.batch, args.T or 128, args.steps, args.warmup, args.threads))
+        times = {c: [t for r in runs for t in r[c]] for c in cases}
     else:
         times = step_times(cases, args.size, args.batch, args.T or 128, args.steps, args.warmup)
     med = {c: statistics.median(v) for c, v in times.items()}
     cfg = ModelConfig.from_preset("SM+LN+G", args.size, vocab_size=VOCAB)
     print(f"\nsize {args.size}: L={cfg.n_layer} H={cfg.n_head} d={cfg.n_embd} T={args.T or 128} V={VOCAB}, "
           f"batch {args.batch}, median of {args.steps} interleaved steps after {args.warmup} warm-up"
-          f"{', each case in a process of its own' if args.isolated else ', all cases in one process'}\n")
+          f"{', each case in a process of its own' if args.isolated else ', all cases in one process'}"
+          f"{f', {args.processes} runs, fresh processes each' if args.processes > 1 else ''}\n")
     print("| case | config | ms/step | vs twin | vs reference |")
     print("|---|---|---:|---:|---:|")
     for c in cases:
-        vs_twin = f"{med[c] / med['twin']:.3f}x" if c.startswith("ereg") or c == "twin" else ""
+        vs_twin = f"{med[c] / med['twin']:.3f}x" if c.startswith(("ereg", "twin")) and "twin" in med else ""
         vs_ref = f"{med['reference'] / med[c]:.3f}x" if c in ("reference", "reference-split", "baseline", "baseline-full-loss") and "reference" in med else ""
         print(f"| {c} | {CASES[c] or REFERENCE_LABEL[c]} | {med[c] * 1e3:.1f} | {vs_twin} | {vs_ref} |")
     if {"ereg", "twin"} <= med.keys():
@@ -283,6 +322,13 @@ def cmd_steps(args) -> None:
         b = med["reference"] / med["baseline"]
         print(f"baseline speed vs reference (reference ms / baseline ms): {b:.3f}x (target >= 1.00x: {'met' if b >= 1 else 'MISSED'}); "
               f"paired by round: {paired_summary(times, 'reference', 'baseline')}")
+    if len(runs) > 1:
+        for num, den in (("ereg", "twin"), ("reference", "baseline"), ("reference", "baseline-full-loss")):
+            if {num, den} <= med.keys():
+                print(f"{num} / {den}, paired by round, over runs: {paired_runs_summary(runs, num, den)}")
+    if {"ereg-full-loss", "twin-full-loss"} <= med.keys():
+        print(f"with the loss from full logits: ereg-full-loss / twin-full-loss, paired by round: "
+              f"{paired_summary(times, 'ereg-full-loss', 'twin-full-loss')}")
     if {"reference", "baseline-full-loss"} <= med.keys():
         print(f"before (the loss from full (B, T, V) logits): reference ms / baseline-full-loss ms, paired by round: "
               f"{paired_summary(times, 'reference', 'baseline-full-loss')}")
@@ -294,7 +340,9 @@ def cmd_steps(args) -> None:
               f"{paired_summary(times, 'reference-split', 'baseline')}")
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "batch": args.batch, "isolated": args.isolated, "ms": {c: v * 1e3 for c, v in med.items()},
-                                               "step_ms": {c: [t * 1e3 for t in v] for c, v in times.items()}}, indent=1))
+                                               "step_ms": {c: [t * 1e3 for t in v] for c, v in times.items()},
+                                               **({"runs_step_ms": [{c: [t * 1e3 for t in v] for c, v in r.items()} for r in runs]}
+                                                  if len(runs) > 1 else {})}, indent=1))
 
 
 def cmd_profile(args) -> None:
@@ -479,13 +527,16 @@ def main() -> None:
     common.add_argument("--steps", type=int, default=5)
     common.add_argument("--warmup", type=int, default=1)
     common.add_argument("--json", default=None)
-    common.add_argument("--cases", nargs="+", choices=list(CASES), default=[c for c in CASES if c != "reference-split"],
+    common.add_argument("--cases", nargs="+", choices=list(CASES), default=[c for c in CASES if c not in OPTIONAL],
                         help="cases to run (steps, scaling); default all; 'twin' and 'ereg' give the ratio")
     p = sub.add_parser("steps", parents=[common], help="every case at one shape")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--T", type=int, default=None, help="context (default 128)")
     p.add_argument("--isolated", action="store_true",
                    help="each case in a worker process of its own (still stepping in turn), not all in one process")
+    p.add_argument("--processes", type=int, default=1,
+                   help="with more than 1: that many --isolated runs, each with fresh worker processes, and the "
+                        "ratios' intervals over runs (a process's placement shifts all its steps alike)")
     p = sub.add_parser("phases", parents=[common], help="each case's step split into forward, backward, optimizer")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--T", type=int, default=None, help="context (default 128)")

@@ -290,8 +290,8 @@ class PiGPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         out = ModelOutput(hidden=x, head=self.lm_head)
         # Training reads only the loss: take it from x in chunks, never forming (B, T, V) logits.
-        chunked = (targets is not None and torch.is_grad_enabled() and requested_loss() == "chunked"
-                   and chunked_loss_unsupported(x, self.lm_head.weight) is None)
+        chunked = (targets is not None and torch.is_grad_enabled()
+                   and chunked_loss_unsupported(x, self.lm_head.weight) is None and requested_loss() == "chunked")
         if not chunked:
             out._logits = self.lm_head(x)  # (B, T, V)
         if need_entropy:
