@@ -76,6 +76,13 @@ REFERENCE_LABEL = {"reference": "nanoGPT-style", "reference-split": "nanoGPT-sty
 KERNEL = {"ereg": "cpp", "ereg-flash": "flash", "ereg-full-loss": "cpp"}  # the entropy kernel each case runs
 FULL_LOSS = {"baseline-full-loss", "twin-full-loss", "ereg-full-loss"}  # cases whose loss forms the (B, T, V) logits (PIFORMER_LOSS=full)
 VOCAB = 8192
+# Pairs `steps` also reports when both cases ran: (numerator, denominator, what the ratio shows)
+ABLATION_PAIRS = (
+    ("ereg-full-loss", "twin-full-loss", "with the loss from full logits: ereg-full-loss / twin-full-loss"),
+    ("reference", "baseline-full-loss", "before (the loss from full (B, T, V) logits): reference ms / baseline-full-loss ms"),
+    ("reference", "reference-split", "the reference with three q/k/v projections (reference ms / reference-split ms)"),
+    ("reference-split", "baseline", "baseline vs the reference with three q/k/v projections"),
+)
 
 
 def build(case: str, size: str, T: int, seed: int = 0, phases: dict[str, float] | None = None):
@@ -294,8 +301,8 @@ def cmd_steps(args) -> None:
     header(args)
     cases = args.cases
     runs = []
-    if args.isolated or args.processes > 1:
-        args.isolated = True
+    isolated = args.isolated or args.processes > 1  # --processes runs are isolated runs
+    if isolated:
         for _ in range(args.processes):
             runs.append(step_times_isolated(cases, args.size, args.batch, args.T or 128, args.steps, args.warmup, args.threads))
         times = {c: [t for r in runs for t in r[c]] for c in cases}
@@ -305,7 +312,7 @@ def cmd_steps(args) -> None:
     cfg = ModelConfig.from_preset("SM+LN+G", args.size, vocab_size=VOCAB)
     print(f"\nsize {args.size}: L={cfg.n_layer} H={cfg.n_head} d={cfg.n_embd} T={args.T or 128} V={VOCAB}, "
           f"batch {args.batch}, median of {args.steps} interleaved steps after {args.warmup} warm-up"
-          f"{', each case in a process of its own' if args.isolated else ', all cases in one process'}"
+          f"{', each case in a process of its own' if isolated else ', all cases in one process'}"
           f"{f', {args.processes} runs, fresh processes each' if args.processes > 1 else ''}\n")
     print("| case | config | ms/step | vs twin | vs reference |")
     print("|---|---|---:|---:|---:|")
@@ -326,20 +333,11 @@ def cmd_steps(args) -> None:
         for num, den in (("ereg", "twin"), ("reference", "baseline"), ("reference", "baseline-full-loss")):
             if {num, den} <= med.keys():
                 print(f"{num} / {den}, paired by round, over runs: {paired_runs_summary(runs, num, den)}")
-    if {"ereg-full-loss", "twin-full-loss"} <= med.keys():
-        print(f"with the loss from full logits: ereg-full-loss / twin-full-loss, paired by round: "
-              f"{paired_summary(times, 'ereg-full-loss', 'twin-full-loss')}")
-    if {"reference", "baseline-full-loss"} <= med.keys():
-        print(f"before (the loss from full (B, T, V) logits): reference ms / baseline-full-loss ms, paired by round: "
-              f"{paired_summary(times, 'reference', 'baseline-full-loss')}")
-    if {"reference", "reference-split"} <= med.keys():
-        print(f"the reference with three q/k/v projections (reference ms / reference-split ms), paired by round: "
-              f"{paired_summary(times, 'reference', 'reference-split')}")
-    if {"reference-split", "baseline"} <= med.keys():
-        print(f"baseline vs the reference with three q/k/v projections, paired by round: "
-              f"{paired_summary(times, 'reference-split', 'baseline')}")
+    for num, den, label in ABLATION_PAIRS:
+        if {num, den} <= med.keys():
+            print(f"{label}, paired by round: {paired_summary(times, num, den)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"size": args.size, "batch": args.batch, "isolated": args.isolated, "ms": {c: v * 1e3 for c, v in med.items()},
+        Path(args.json).write_text(json.dumps({"size": args.size, "batch": args.batch, "isolated": isolated, "ms": {c: v * 1e3 for c, v in med.items()},
                                                "step_ms": {c: [t * 1e3 for t in v] for c, v in times.items()},
                                                **({"runs_step_ms": [{c: [t * 1e3 for t in v] for c, v in r.items()} for r in runs]}
                                                   if len(runs) > 1 else {})}, indent=1))

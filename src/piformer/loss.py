@@ -88,15 +88,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             rows = torch.arange(h.shape[0], device=h.device)
             z = torch.log_softmax(h @ weight.t(), dim=-1)  # (c, V) log p
             picked = z[rows, t]  # (c,)
-            if all_kept:
-                total -= picked.sum()
-                z.exp_()
-                z[rows, t] -= 1.0  # softmax - onehot: d(-log p_t)/dlogits
-            else:
-                keep = kept[start:start + chunk_rows]
-                total -= picked[keep].sum()
-                z.exp_()
-                z[rows, t] -= 1.0
+            keep = None if all_kept else kept[start:start + chunk_rows]
+            total -= picked.sum() if keep is None else picked[keep].sum()
+            z.exp_()
+            z[rows, t] -= 1.0  # softmax - onehot: d(-log p_t)/dlogits
+            if keep is not None:
                 z.mul_(keep.unsqueeze(1).to(z.dtype))  # ignored positions contribute no gradient
             torch.mm(z, weight, out=grad_hidden[start:start + chunk_rows])
             if start == 0:
